@@ -1,0 +1,43 @@
+"""fleetctl: agentless control of a GPU fleet over plain SSH.
+
+    >>> import fleetctl
+    >>> fleet = fleetctl.Fleet.from_config()          # ~/.config/fleetctl/ssh-agents.toml
+    >>> fleet.heartbeat().to_dataframe()              # one row per GPU
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from fleetctl.config import Agent, Bastion, Inventory, load_config
+from fleetctl.errors import (
+    AuthError,
+    CommandFailed,
+    CommandTimeout,
+    ConfigError,
+    ConnectionLost,
+    ConnectTimeout,
+    DriverError,
+    FleetError,
+    HostKeyError,
+    JobError,
+    ParseError,
+    SandboxError,
+    ToolMissingError,
+    TransportError,
+    UnknownAgentError,
+    UnreachableError,
+)
+from fleetctl.fleet import Fleet, HeartbeatRound
+from fleetctl.parsers import InvalidQueryError, NoGpusError, parse_gpu_output
+from fleetctl.registration import Registration, register_ssh
+from fleetctl.telemetry import GpuSample, HostBasics, TelemetrySnapshot
+from fleetctl.transport import CommandResult
+
+__all__ = [
+    "Agent", "AuthError", "Bastion", "CommandFailed", "CommandResult", "CommandTimeout", "ConfigError",
+    "ConnectTimeout", "ConnectionLost", "DriverError", "Fleet", "FleetError", "GpuSample", "HeartbeatRound",
+    "HostBasics", "HostKeyError", "InvalidQueryError", "Inventory", "JobError", "NoGpusError", "ParseError",
+    "Registration", "SandboxError", "TelemetrySnapshot", "ToolMissingError", "TransportError",
+    "UnknownAgentError", "UnreachableError", "__version__", "load_config", "parse_gpu_output", "register_ssh",
+]

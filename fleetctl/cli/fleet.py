@@ -1,0 +1,97 @@
+"""``fleetctl heartbeat``, ``sandbox`` and ``demo``."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import click
+
+from fleetctl.cli.common import common_options, out, print_json, settings
+from fleetctl.cli.tables import fleet_table
+from fleetctl.config import load_config
+from fleetctl.fleet import DEFAULT_MAX_PARALLEL_SSH, Fleet
+from fleetctl.registration import register_ssh
+from fleetctl.sandbox import Sandbox, default_hosts, sandbox_dir
+
+EXIT_SOME_FAILED = 3
+
+
+@click.command("heartbeat")
+@click.option("--agent", "agents", multiple=True, metavar="NAME", help="Only these agents; repeatable.")
+@click.option("--json", "as_json", is_flag=True, help="Print the snapshots as JSON.")
+@click.option("--max-parallel-ssh", type=click.IntRange(1, 1024), default=DEFAULT_MAX_PARALLEL_SSH,
+              show_default=True, help="Hosts contacted at once.")
+@common_options
+def heartbeat_command(agents: tuple[str, ...], as_json: bool, max_parallel_ssh: int) -> None:
+    """One heartbeat round now. Exit 0 if every host answered, 3 if some failed (rows say why)."""
+    s = settings()
+    with Fleet(load_config(s.config_path), state_dir=s.state_path, max_parallel_ssh=max_parallel_ssh) as fleet:
+        result = fleet.heartbeat(list(agents) or None)
+    if as_json:
+        print_json([snap.model_dump(mode="json") for snap in result])
+    else:
+        out.print(fleet_table(result))
+    if result.failed:
+        raise click.exceptions.Exit(EXIT_SOME_FAILED)
+
+
+@click.group("sandbox")
+def sandbox_group() -> None:
+    """A local fleet of real sshd processes posing as GPU hosts (for trying fleetctl and for tests)."""
+
+
+def _sandbox_path(directory: str | None) -> Path:
+    return Path(directory) if directory else sandbox_dir(settings().state_path)
+
+
+@sandbox_group.command("up")
+@click.option("--hosts", type=click.IntRange(1, 200), default=3, show_default=True, help="GPU hosts to start.")
+@click.option("--dir", "directory", type=click.Path(file_okay=False), help="Where keys, logs and the inventory go.")
+@common_options
+def sandbox_up(hosts: int, directory: str | None) -> None:
+    """Start N sshd hosts (plus a bastion) on loopback and write an inventory for them."""
+    sandbox = Sandbox(_sandbox_path(directory), default_hosts(hosts)).up()
+    isolation = "hosts behind the bastion live in a network namespace" if sandbox.use_netns else \
+        "no network namespaces (needs root): bastion hosts are also reachable directly"
+    out.print(f"sandbox up in {sandbox.directory}: {len(sandbox.pids)} sshd processes; {isolation}")
+    out.print(f"try: fleetctl --config {sandbox.inventory_path} heartbeat")
+
+
+@sandbox_group.command("down")
+@click.option("--dir", "directory", type=click.Path(file_okay=False), help="The sandbox to stop.")
+@common_options
+def sandbox_down(directory: str | None) -> None:
+    """Stop every sandbox sshd by PID and remove its network namespaces."""
+    sandbox = Sandbox.load(_sandbox_path(directory))
+    count = len(sandbox.pids)
+    sandbox.down()
+    out.print(f"sandbox down: stopped {count} sshd processes")
+
+
+@click.command("demo")
+@click.option("--hosts", type=click.IntRange(1, 50), default=3, show_default=True)
+def demo_command(hosts: int) -> None:
+    """Start a sandbox fleet, register it with register-ssh, run one heartbeat round, tear down."""
+    with tempfile.TemporaryDirectory(prefix="fleetctl-demo-") as scratch:
+        root = Path(scratch)
+        sandbox = Sandbox(root / "sandbox", default_hosts(hosts))
+        sandbox.up()
+        try:
+            config, state = root / "ssh-agents.toml", root / "state"
+            out.print(f"sandbox: {len(sandbox.hosts)} GPU hosts and {len(sandbox.bastions())} bastion(s) "
+                      f"({'network namespaces' if sandbox.use_netns else 'loopback only'})")
+            for agent in sandbox.agents():
+                bastions = [b.address for b in agent.bastions()]
+                registration = register_ssh(agent.address, str(sandbox.client_key), name=agent.name,
+                                            bastions=bastions, labels=agent.labels, config=config, state=state)
+                via = " via " + " -> ".join(bastions) if bastions else ""
+                out.print(f"registered {agent.name} ({agent.address}{via}): {', '.join(registration.tools)}")
+            with Fleet(load_config(config), state_dir=state) as fleet:
+                fleet.heartbeat()  # first round opens the connections
+                result = fleet.heartbeat()
+            out.print(fleet_table(result))
+            out.print(f"steady-state round over {len(result)} hosts: {result.duration_s * 1000:.0f} ms")
+        finally:
+            sandbox.down()
+            out.print("sandbox stopped")

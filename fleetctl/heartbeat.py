@@ -1,0 +1,128 @@
+"""One heartbeat = one SSH exec: the GPU query and the host's basics, parsed into a snapshot.
+
+The remote side is stateless: a POSIX ``sh`` script prints the tool's output, a marker with
+its exit code, then ``/proc/loadavg``, two ``/proc/meminfo`` lines and ``/proc/uptime``.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from fleetctl.config import Agent
+from fleetctl.errors import (
+    AuthError,
+    CommandTimeout,
+    ConnectTimeout,
+    DriverError,
+    FleetError,
+    HostKeyError,
+    ParseError,
+    ToolMissingError,
+    TransportError,
+)
+from fleetctl.gpu_tools import DEFAULT_QUERIES
+from fleetctl.parsers import NoGpusError, parse_gpu_output
+from fleetctl.telemetry import HostBasics, Status, TelemetrySnapshot
+from fleetctl.transport import CommandResult
+
+MARK = "\x1efleetctl"  # ASCII record separator: never in tool output
+
+
+def _query_block(agent: Agent) -> str:
+    if agent.gpu_query_cmd:
+        return f"printf '{MARK}-cmd given\\n'; {agent.gpu_query_cmd}"
+    branches = [f'if command -v {tool} >/dev/null 2>&1; then printf \'{MARK}-cmd {tool}\\n\'; {query}'
+                for tool, query in DEFAULT_QUERIES.items()]
+    return "; el".join(branches) + f"; else printf '{MARK}-cmd none\\n'; fi"
+
+
+def heartbeat_command(agent: Agent) -> str:
+    script = (
+        f"{_query_block(agent)}\n"
+        f"rc=$?; printf '\\n{MARK}-rc %s\\n' \"$rc\"; "
+        "cat /proc/loadavg /proc/uptime 2>/dev/null; grep -E '^(MemTotal|MemAvailable):' /proc/meminfo 2>/dev/null"
+    )
+    return "sh -c " + shlex.quote(script)
+
+
+def _basics(lines: list[str]) -> HostBasics:
+    basics = HostBasics()
+    for line in lines:
+        parts = line.split()
+        try:
+            if len(parts) == 5 and "/" in parts[3]:
+                basics.load_1m, basics.load_5m, basics.load_15m = (float(p) for p in parts[:3])
+            elif len(parts) == 2 and not parts[0].endswith(":"):
+                basics.uptime_s = float(parts[0])
+            elif parts[:1] == ["MemTotal:"]:
+                basics.mem_total_mib = int(parts[1]) / 1024
+            elif parts[:1] == ["MemAvailable:"]:
+                basics.mem_available_mib = int(parts[1]) / 1024
+        except (ValueError, IndexError):
+            continue
+    return basics
+
+
+def snapshot_from_result(agent: Agent, result: CommandResult, latency_ms: float,
+                         timestamp: datetime | None = None) -> TelemetrySnapshot:
+    """Pure: the text one heartbeat exec returned -> a snapshot with exactly one status."""
+    stamp = timestamp or datetime.now(timezone.utc)
+
+    def snapshot(status: Status, **fields: Any) -> TelemetrySnapshot:
+        return TelemetrySnapshot(agent=agent.name, hostname=agent.hostname or "", timestamp=stamp,
+                                 latency_ms=latency_ms, status=status, **fields)
+    head, marker, tail = result.stdout.partition(f"\n{MARK}-rc ")
+    rc_text, _, rest = tail.partition("\n")
+    basics = _basics(rest.splitlines()) if marker else HostBasics()
+    first, _, tool_output = head.partition("\n")
+    if not marker or not first.startswith(f"{MARK}-cmd "):
+        return snapshot("parse_error", host=basics,
+                        error=f"heartbeat output from {agent.name} is garbled (exit {result.exit_code})")
+    which = first.removeprefix(f"{MARK}-cmd ")
+    if which == "none":
+        return snapshot("tool_missing", host=basics,
+                        error="no nvidia-smi, rocm-smi or amd-smi on the host's PATH")
+    command = agent.gpu_query_cmd or DEFAULT_QUERIES[which]
+    try:
+        exit_code = int(rc_text.strip())
+    except ValueError:
+        exit_code = result.exit_code
+    try:
+        gpus = parse_gpu_output(command, tool_output, exit_code=exit_code, stderr=result.stderr)
+    except NoGpusError:
+        return snapshot("no_gpus", host=basics)
+    except FleetError as exc:
+        return snapshot(_status_of(exc), host=basics, error=one_line(str(exc)))
+    return snapshot("ok" if gpus else "no_gpus", gpus=gpus, host=basics)
+
+
+def _status_of(exc: FleetError) -> Status:
+    if isinstance(exc, ToolMissingError):
+        return "tool_missing"
+    if isinstance(exc, DriverError):
+        return "driver_error"
+    if isinstance(exc, ParseError):
+        return "parse_error"
+    if isinstance(exc, HostKeyError):
+        return "host_key_mismatch"
+    if isinstance(exc, AuthError):
+        return "auth_failed"
+    if isinstance(exc, TransportError) and exc.is_bastion:
+        return "bastion_unreachable"
+    if isinstance(exc, (ConnectTimeout, CommandTimeout)):
+        return "timeout"
+    return "unreachable"
+
+
+def failed_snapshot(agent: Agent, exc: FleetError, started: float) -> TelemetrySnapshot:
+    return TelemetrySnapshot(agent=agent.name, hostname=agent.hostname or "", timestamp=datetime.now(timezone.utc),
+                             status=_status_of(exc), error=one_line(str(exc)),
+                             latency_ms=(time.monotonic() - started) * 1000)
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."

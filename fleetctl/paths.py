@@ -1,0 +1,41 @@
+"""Where fleetctl keeps its files. Precedence: flag > environment > XDG default."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CONFIG_ENV = "FLEETCTL_CONFIG"
+STATE_ENV = "FLEETCTL_STATE_DIR"
+
+
+def _xdg(var: str, fallback: str) -> Path:
+    value = os.environ.get(var)
+    # The XDG spec says relative values are invalid and must be ignored.
+    if value and os.path.isabs(value):
+        return Path(value)
+    return Path.home() / fallback
+
+
+def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """The inventory file: ``--config`` > ``$FLEETCTL_CONFIG`` > XDG config dir."""
+    if explicit:
+        return Path(explicit).expanduser()
+    if os.environ.get(CONFIG_ENV):
+        return Path(os.environ[CONFIG_ENV]).expanduser()
+    return _xdg("XDG_CONFIG_HOME", ".config") / "fleetctl" / "ssh-agents.toml"
+
+
+def state_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """History, queue, known hosts: ``--state-dir`` > ``$FLEETCTL_STATE_DIR`` > XDG state dir."""
+    if explicit:
+        return Path(explicit).expanduser()
+    if os.environ.get(STATE_ENV):
+        return Path(os.environ[STATE_ENV]).expanduser()
+    return _xdg("XDG_STATE_HOME", ".local/state") / "fleetctl"
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """Create ``path`` (mode 0700) if missing; state holds host keys and job outputs."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path

@@ -1,0 +1,56 @@
+"""Typed telemetry: one GPU's sample, one host's snapshot."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal, Optional
+
+from pydantic import BaseModel, Field
+
+Vendor = Literal["nvidia", "amd"]
+Status = Literal["ok", "no_gpus", "unreachable", "timeout", "auth_failed", "host_key_mismatch",
+                 "bastion_unreachable", "tool_missing", "driver_error", "parse_error"]
+GOOD_STATUSES = ("ok", "no_gpus")
+
+
+class GpuSample(BaseModel):
+    """One GPU as the tool reported it; ``None`` wherever the tool could not say."""
+
+    index: Optional[int] = None
+    uuid: Optional[str] = None
+    name: Optional[str] = None
+    vendor: Vendor
+    memory_total_mib: Optional[float] = None
+    memory_used_mib: Optional[float] = None
+    memory_free_mib: Optional[float] = None
+    utilization_gpu_pct: Optional[float] = None
+    temperature_c: Optional[float] = None
+    power_draw_w: Optional[float] = None
+    power_limit_w: Optional[float] = None
+    extra: dict[str, str] = Field(default_factory=dict)
+
+
+class HostBasics(BaseModel):
+    """Collected in the same exec as the GPU query, at no extra round trip."""
+
+    load_1m: Optional[float] = None
+    load_5m: Optional[float] = None
+    load_15m: Optional[float] = None
+    mem_total_mib: Optional[float] = None
+    mem_available_mib: Optional[float] = None
+    uptime_s: Optional[float] = None
+
+
+class TelemetrySnapshot(BaseModel):
+    agent: str
+    hostname: str = ""
+    timestamp: datetime
+    status: Status
+    error: Optional[str] = None
+    latency_ms: Optional[float] = None
+    gpus: list[GpuSample] = Field(default_factory=list)
+    host: HostBasics = Field(default_factory=HostBasics)
+
+    @property
+    def ok(self) -> bool:
+        return self.status in GOOD_STATUSES

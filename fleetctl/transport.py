@@ -1,0 +1,105 @@
+"""The seam between fleetctl and SSH: plain data and two small protocols.
+
+Everything above this line (heartbeats, jobs, registration) talks to a :class:`Connection`;
+only :mod:`fleetctl.ssh` knows it is paramiko underneath, and unit tests can hand in a fake.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from fleetctl.addresses import format_address
+from fleetctl.errors import CommandFailed
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One SSH server on the way: a bastion or the target itself."""
+
+    hostname: str
+    user: str
+    port: int = 22
+    key_path: str | None = None
+    fingerprint: str | None = None  # pinned SHA256:...; None means verify against known_hosts
+
+    @property
+    def address(self) -> str:
+        return format_address(self.hostname, self.port, self.user)
+
+
+@dataclass(frozen=True)
+class Route:
+    """The hops to cross, nearest the controller first; the last one is the target."""
+
+    hops: tuple[Hop, ...]
+    connect_timeout: float = 10.0
+
+    @property
+    def target(self) -> Hop:
+        return self.hops[-1]
+
+    @property
+    def bastions(self) -> tuple[Hop, ...]:
+        return self.hops[:-1]
+
+    def describe(self) -> str:
+        via = " via " + " -> ".join(h.address for h in self.bastions) if self.bastions else ""
+        return f"{self.target.address}{via}"
+
+
+@dataclass(frozen=True)
+class HostKeySeen:
+    """What a hop presented during this connection (recorded by ``register-ssh``)."""
+
+    address: str
+    key_type: str
+    fingerprint: str
+    peer_ip: str | None
+
+
+@dataclass
+class CommandResult:
+    command: str
+    exit_code: int
+    stdout: str
+    stderr: str
+    duration_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+    def check(self) -> CommandResult:
+        """Raise :class:`CommandFailed` unless the command exited 0 (raising is opt-in)."""
+        if not self.ok:
+            raise CommandFailed(self)
+        return self
+
+
+class Connection(Protocol):
+    """What fleetctl needs of a connection to one host."""
+
+    route: Route
+    host_keys: list[HostKeySeen]
+
+    @property
+    def is_open(self) -> bool: ...
+
+    def run(self, command: str, *, timeout: float | None = None) -> CommandResult: ...
+
+    def write_bytes(self, remote_path: str, data: bytes) -> None: ...
+
+    def read_bytes(self, remote_path: str, *, max_bytes: int | None = None) -> bytes: ...
+
+    def get(self, remote_path: str, local_path: Path) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Connector(Protocol):
+    """Opens a connection along a route (``fleetctl.ssh.connect`` is the real one)."""
+
+    def __call__(self, route: Route) -> Connection: ...
+
