@@ -40,23 +40,24 @@ def _first_number(card: dict[str, str], keys: tuple[str, ...], used: set[str]) -
     return None
 
 
+def _first_text(card: dict[str, str], keys: tuple[str, ...], used: set[str]) -> str | None:
+    """First key that has a real value; every key tried is marked used (kept out of ``extra``)."""
+    found = None
+    for key in keys:
+        value = card.get(key.lower())
+        if value is not None:
+            used.add(key.lower())
+            if found is None and not is_missing(value):
+                found = value
+    return found
+
+
 def _card_sample(index: int, raw: dict[str, Any]) -> GpuSample:
     original = {str(k).strip(): str(v).strip() for k, v in raw.items()}
     card = {k.lower(): v for k, v in original.items()}
     used: set[str] = set()
-    name = uuid = None
-    for key in KEYS["name"]:
-        value = card.get(key.lower())
-        if value is not None:
-            used.add(key.lower())
-            if name is None and not is_missing(value):
-                name = value
-    for key in KEYS["uuid"]:
-        value = card.get(key.lower())
-        if value is not None:
-            used.add(key.lower())
-            if uuid is None and not is_missing(value):
-                uuid = value
+    name = _first_text(card, KEYS["name"], used)
+    uuid = _first_text(card, KEYS["uuid"], used)
     total_b = _first_number(card, KEYS["memory_total"], used)
     used_b = _first_number(card, KEYS["memory_used"], used)
     total = to_mib(total_b, "B") if total_b is not None else None
