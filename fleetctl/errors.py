@@ -52,8 +52,8 @@ class UnknownAgentError(ConfigError):
 class TransportError(FleetError):
     """SSH could not deliver a command; nothing ran on the host.
 
-    ``hop`` is the ``user@host:port`` of the hop that failed and ``via`` tells whether that hop
-    is a bastion (so a round can report ``bastion_unreachable`` naming the hop).
+    ``hop`` is the ``user@host:port`` of the hop that failed and ``is_bastion`` tells whether that
+    hop is a bastion (so a round can report ``bastion_unreachable`` naming the hop).
     """
 
     def __init__(

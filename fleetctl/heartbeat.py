@@ -6,6 +6,7 @@ its exit code, then ``/proc/loadavg``, two ``/proc/meminfo`` lines and ``/proc/u
 
 from __future__ import annotations
 
+import functools
 import shlex
 import time
 from datetime import datetime, timezone
@@ -31,17 +32,24 @@ from fleetctl.transport import CommandResult
 MARK = "\x1efleetctl"  # ASCII record separator: never in tool output
 
 
-def _query_block(agent: Agent) -> str:
-    if agent.gpu_query_cmd:
-        return f"printf '{MARK}-cmd given\\n'; {agent.gpu_query_cmd}"
+def _query_block(gpu_query_cmd: str | None) -> str:
+    if gpu_query_cmd:
+        return f"printf '{MARK}-cmd given\\n'; {gpu_query_cmd}"
     branches = [f'if command -v {tool} >/dev/null 2>&1; then printf \'{MARK}-cmd {tool}\\n\'; {query}'
                 for tool, query in DEFAULT_QUERIES.items()]
     return "; el".join(branches) + f"; else printf '{MARK}-cmd none\\n'; fi"
 
 
 def heartbeat_command(agent: Agent) -> str:
+    """The remote command for one heartbeat; it depends only on the agent's query."""
+    return _heartbeat_command(agent.gpu_query_cmd)
+
+
+@functools.lru_cache(maxsize=256)
+def _heartbeat_command(gpu_query_cmd: str | None) -> str:
+    # Built and quoted once per distinct query, not on every beat.
     script = (
-        f"{_query_block(agent)}\n"
+        f"{_query_block(gpu_query_cmd)}\n"
         f"rc=$?; printf '\\n{MARK}-rc %s\\n' \"$rc\"; "
         "cat /proc/loadavg /proc/uptime 2>/dev/null; grep -E '^(MemTotal|MemAvailable):' /proc/meminfo 2>/dev/null"
     )

@@ -34,8 +34,3 @@ def state_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
         return Path(os.environ[STATE_ENV]).expanduser()
     return _xdg("XDG_STATE_HOME", ".local/state") / "fleetctl"
 
-
-def ensure_private_dir(path: Path) -> Path:
-    """Create ``path`` (mode 0700) if missing; state holds host keys and job outputs."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return path

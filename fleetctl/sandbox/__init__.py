@@ -1,5 +1,5 @@
 """A local fleet of real OpenSSH servers for tests and ``fleetctl demo``."""
 
-from fleetctl.sandbox.sandbox import MODES, HostSpec, Sandbox, default_hosts, running, sandbox_dir
+from fleetctl.sandbox.sandbox import MODES, HostSpec, Sandbox, default_hosts, sandbox_dir
 
-__all__ = ["MODES", "HostSpec", "Sandbox", "default_hosts", "running", "sandbox_dir"]
+__all__ = ["MODES", "HostSpec", "Sandbox", "default_hosts", "sandbox_dir"]

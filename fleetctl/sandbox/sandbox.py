@@ -20,6 +20,7 @@ from fleetctl.sandbox import netns, sshd
 
 STATE_FILE = "sandbox.json"
 MODES = ("ok", "driver_error", "no_gpus", "no_tool", "mig", "refused", "blackhole")
+ZONES = ("direct", "lan", "deep")
 MODELS = {"nvidia": ("NVIDIA H100 80GB HBM3", 81559), "amd": ("Arcturus GL-XL [Instinct MI100]", 32752)}
 
 
@@ -32,6 +33,14 @@ class HostSpec:
     mode: str = "ok"
     labels: dict[str, str] = field(default_factory=dict)
     busy: list[int] = field(default_factory=list)  # GPUs a foreign process is using
+
+    def __post_init__(self) -> None:
+        # A mistyped mode or zone would otherwise quietly give a healthy host in the wrong place.
+        for what, value, allowed in (("mode", self.mode, MODES), ("vendor", self.vendor, tuple(MODELS)),
+                                     ("zone", self.zone, ZONES)):
+            if value not in allowed:
+                raise SandboxError(f"sandbox host {self.name!r}: unknown {what} {value!r}",
+                                   hint=f"use one of {', '.join(allowed)}")
 
     @property
     def tool(self) -> str:
@@ -262,9 +271,5 @@ def sandbox_dir(state_dir: Path) -> Path:
     return state_dir / "sandbox"
 
 
-def running(directory: Path) -> bool:
-    return (Path(directory) / STATE_FILE).exists()
-
-
-__all__ = ["MODES", "HostSpec", "Sandbox", "default_hosts", "running", "sandbox_dir"]
+__all__ = ["MODES", "HostSpec", "Sandbox", "default_hosts", "sandbox_dir"]
 
