@@ -33,7 +33,7 @@ else:  # pragma: no cover
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
 FINGERPRINT_PATTERN = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}$")
 _PASSWORD_KEYS = {"password", "ssh_password", "passphrase", "ssh_passphrase", "key_passphrase"}
-_KNOWN_TOP_LEVEL = {"agents"}
+_KNOWN_TOP_LEVEL = {"agents", "controller"}
 # tomli-w never writes multi-line strings here, so a "[" in column 0 always starts a table header.
 _SUBTABLE_HEADER = re.compile(r"^\[(?!\[)", re.MULTILINE)
 
@@ -117,12 +117,27 @@ class Agent(BaseModel):
         return self.model_dump(exclude_unset=True, exclude_none=True)
 
 
+class ControllerSettings(BaseModel):
+    """The optional ``[controller]`` table: fleet-wide defaults for serve, history and health."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    heartbeat_interval_s: float = Field(default=5.0, gt=0, le=86400)
+    max_parallel_ssh: int = Field(default=32, ge=1, le=1024)
+    retention_days: float = Field(default=7.0, gt=0)
+    offline_after_misses: int = Field(default=3, ge=1)
+    offline_grace_s: float = Field(default=600.0, gt=0)
+    scheduler_tick_s: float = Field(default=1.0, gt=0, le=60)
+
+
 class Inventory:
     """The agents of one ``ssh-agents.toml`` plus whatever else the file holds."""
 
-    def __init__(self, path: Path, agents: list[Agent], document: dict[str, Any]) -> None:
+    def __init__(self, path: Path, agents: list[Agent], document: dict[str, Any],
+                 controller: ControllerSettings | None = None) -> None:
         self.path = path
         self.agents = agents
+        self.controller = controller or ControllerSettings()
         self._document = document
         self._raw = {a.name: raw for a, raw in zip(agents, document.get("agents", []), strict=False)}
 
@@ -289,7 +304,21 @@ def parse_inventory(text: str, path: Path) -> Inventory:
                 hint="set hostname, or ssh_config_host to use an alias from ~/.ssh/config",
             )
     _check_unique(agents, path)
-    return Inventory(path, agents, document)
+    return Inventory(path, agents, document, _controller_settings(document.get("controller", {}), path))
+
+
+def _controller_settings(raw: Any, path: Path) -> ControllerSettings:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: 'controller' must be a table", hint="write [controller]")
+    try:
+        return ControllerSettings.model_validate(raw)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        key = ".".join(str(p) for p in error["loc"])
+        if error["type"] == "extra_forbidden":
+            raise ConfigError(f"{path}: controller: {_unknown_key_message(key, ControllerSettings)}") from None
+        message = str(error["msg"]).removeprefix("Value error, ")
+        raise ConfigError(f"{path}: controller.{key}: {message} (got {error.get('input')!r})") from None
 
 
 def load_config(path: str | os.PathLike[str] | None = None, *, missing_ok: bool = False) -> Inventory:

@@ -15,6 +15,7 @@
     │   ├── ToolMissingError   the GPU tool is not installed (exit 127)
     │   └── DriverError        the tool ran but reports a driver/device failure
     ├── SandboxError           the local sandbox fleet could not be started or stopped
+    ├── StoreError             the embedded SQLite store could not be opened or read
     └── JobError               a queued job could not be placed, run or collected
 
 *Unreachable* (``TransportError``) and *command failed* (``CommandFailed``) are deliberately
@@ -123,6 +124,10 @@ class DriverError(ParseError):
 
 class SandboxError(FleetError):
     """The local sandbox fleet could not be started or stopped."""
+
+
+class StoreError(FleetError):
+    """The embedded store (history, health, job queue) could not be opened or read."""
 
 
 class JobError(FleetError):

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fleetctl.errors import ConfigError
 from fleetctl.telemetry import TelemetrySnapshot
 
 if TYPE_CHECKING:
@@ -13,6 +17,9 @@ if TYPE_CHECKING:
 COLUMNS = ["timestamp", "agent", "hostname", "status", "error", "latency_ms", "vendor", "gpu_index", "gpu_uuid",
            "gpu_name", "memory_total_mib", "memory_used_mib", "memory_free_mib", "utilization_gpu_pct",
            "temperature_c", "power_draw_w", "power_limit_w", "load_1m", "mem_available_mib"]
+
+_FLOAT_COLUMNS = ["latency_ms", "memory_total_mib", "memory_used_mib", "memory_free_mib", "utilization_gpu_pct",
+                  "temperature_c", "power_draw_w", "power_limit_w", "load_1m", "mem_available_mib"]
 
 
 def snapshot_rows(snapshots: Iterable[TelemetrySnapshot]) -> list[dict[str, Any]]:
@@ -37,6 +44,43 @@ def snapshot_rows(snapshots: Iterable[TelemetrySnapshot]) -> list[dict[str, Any]
 def to_dataframe(snapshots: Iterable[TelemetrySnapshot]) -> pd.DataFrame:
     import pandas as pd  # imported late: the CLI's cold start should not pay for pandas
 
-    frame = pd.DataFrame(snapshot_rows(snapshots), columns=COLUMNS)
+    return typed_frame(pd.DataFrame(snapshot_rows(snapshots), columns=COLUMNS))
+
+
+def typed_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """The same dtypes whether rows came from a round or from history (an all-empty column
+    would otherwise come back as ``object`` and an index column as ``float``)."""
+    frame = frame.astype({c: "float64" for c in _FLOAT_COLUMNS})
     frame["gpu_index"] = frame["gpu_index"].astype("Int64")
     return frame
+
+
+def append_csv(path: str | os.PathLike[str], frame: pd.DataFrame) -> int:
+    """Append rows to a CSV; the header only when the file is new or empty. An exclusive lock on
+    the file keeps two cron runs from interleaving their rows. Returns the rows written."""
+    target = Path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "a", newline="", encoding="utf-8") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                handle.seek(0, os.SEEK_END)
+                frame.to_csv(handle, header=handle.tell() == 0, index=False)
+                handle.flush()
+                os.fsync(handle.fileno())
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {target}: {exc.strerror or exc}",
+                          hint="choose a writable path; the round is in history (`fleetctl telemetry export`)") from None
+    return len(frame)
+
+
+def write_csv(path: str | os.PathLike[str], frame: pd.DataFrame) -> None:
+    """Replace ``path`` with the rows: written beside it, then renamed, so readers never see half."""
+    from fleetctl.config import write_atomically
+
+    try:
+        write_atomically(Path(path), frame.to_csv(index=False), mode=0o644)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}", hint="choose a writable path") from None

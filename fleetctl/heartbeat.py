@@ -25,6 +25,7 @@ from fleetctl.errors import (
     TransportError,
 )
 from fleetctl.gpu_tools import DEFAULT_QUERIES
+from fleetctl.jobs.remote import SCAN_MARK, SCAN_SCRIPT, parse_scan_line
 from fleetctl.parsers import NoGpusError, parse_gpu_output
 from fleetctl.telemetry import HostBasics, Status, TelemetrySnapshot
 from fleetctl.transport import CommandResult
@@ -51,7 +52,8 @@ def _heartbeat_command(gpu_query_cmd: str | None) -> str:
     script = (
         f"{_query_block(gpu_query_cmd)}\n"
         f"rc=$?; printf '\\n{MARK}-rc %s\\n' \"$rc\"; "
-        "cat /proc/loadavg /proc/uptime 2>/dev/null; grep -E '^(MemTotal|MemAvailable):' /proc/meminfo 2>/dev/null"
+        "cat /proc/loadavg /proc/uptime 2>/dev/null; grep -E '^(MemTotal|MemAvailable):' /proc/meminfo 2>/dev/null; "
+        + SCAN_SCRIPT
     )
     return "sh -c " + shlex.quote(script)
 
@@ -81,10 +83,13 @@ def snapshot_from_result(agent: Agent, result: CommandResult, latency_ms: float,
 
     def snapshot(status: Status, **fields: Any) -> TelemetrySnapshot:
         return TelemetrySnapshot(agent=agent.name, hostname=agent.hostname or "", timestamp=stamp,
-                                 latency_ms=latency_ms, status=status, **fields)
+                                 latency_ms=latency_ms, status=status, job_dirs={d.path: d.state for d in job_dirs},
+                                 **fields)
     head, marker, tail = result.stdout.partition(f"\n{MARK}-rc ")
     rc_text, _, rest = tail.partition("\n")
-    basics = _basics(rest.splitlines()) if marker else HostBasics()
+    lines = rest.split("\n")  # not splitlines(): it also splits at the \x1e of our markers
+    basics = _basics([line for line in lines if not line.startswith(SCAN_MARK)]) if marker else HostBasics()
+    job_dirs = [found for line in lines if line.startswith(SCAN_MARK) and (found := parse_scan_line(line))]
     first, _, tool_output = head.partition("\n")
     if not marker or not first.startswith(f"{MARK}-cmd "):
         return snapshot("parse_error", host=basics,

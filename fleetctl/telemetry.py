@@ -50,6 +50,7 @@ class TelemetrySnapshot(BaseModel):
     latency_ms: Optional[float] = None
     gpus: list[GpuSample] = Field(default_factory=list)
     host: HostBasics = Field(default_factory=HostBasics)
+    job_dirs: dict[str, str] = Field(default_factory=dict)  # remote job directory -> new/starting/running/done/vanished
 
     @property
     def ok(self) -> bool:

@@ -12,6 +12,8 @@ from fleetctl import __version__
 from fleetctl.cli.agents import agents_group, register_ssh_command
 from fleetctl.cli.common import Settings, common_options, err
 from fleetctl.cli.fleet import demo_command, heartbeat_command, sandbox_group
+from fleetctl.cli.jobs import drain_command, jobs_group, submit_command, undrain_command
+from fleetctl.cli.monitor import serve_command, telemetry_group, top_command
 from fleetctl.errors import FleetError
 
 
@@ -27,6 +29,13 @@ def cli(ctx: click.Context) -> None:
 cli.add_command(register_ssh_command)
 cli.add_command(agents_group)
 cli.add_command(heartbeat_command)
+cli.add_command(submit_command)
+cli.add_command(jobs_group)
+agents_group.add_command(drain_command)
+agents_group.add_command(undrain_command)
+cli.add_command(serve_command)
+cli.add_command(top_command)
+cli.add_command(telemetry_group)
 cli.add_command(sandbox_group)
 cli.add_command(demo_command)
 

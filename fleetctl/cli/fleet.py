@@ -11,6 +11,7 @@ from fleetctl.cli.common import common_options, out, print_json, settings
 from fleetctl.cli.tables import fleet_table
 from fleetctl.config import load_config
 from fleetctl.fleet import DEFAULT_MAX_PARALLEL_SSH, Fleet
+from fleetctl.frames import append_csv
 from fleetctl.registration import register_ssh
 from fleetctl.sandbox import Sandbox, default_hosts, sandbox_dir
 
@@ -19,15 +20,20 @@ EXIT_SOME_FAILED = 3
 
 @click.command("heartbeat")
 @click.option("--agent", "agents", multiple=True, metavar="NAME", help="Only these agents; repeatable.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Append one row per GPU to FILE (header only when the file is new or empty).")
 @click.option("--json", "as_json", is_flag=True, help="Print the snapshots as JSON.")
-@click.option("--max-parallel-ssh", type=click.IntRange(1, 1024), default=DEFAULT_MAX_PARALLEL_SSH,
-              show_default=True, help="Hosts contacted at once.")
+@click.option("--max-parallel-ssh", type=click.IntRange(1, 1024), default=None,
+              help=f"Hosts contacted at once [default: {DEFAULT_MAX_PARALLEL_SSH}, or [controller] max_parallel_ssh].")
 @common_options
-def heartbeat_command(agents: tuple[str, ...], as_json: bool, max_parallel_ssh: int) -> None:
-    """One heartbeat round now. Exit 0 if every host answered, 3 if some failed (rows say why)."""
+def heartbeat_command(agents: tuple[str, ...], csv_path: str | None, as_json: bool, max_parallel_ssh: int | None) -> None:
+    """One heartbeat round now, recorded in history. Exit 0 if every host answered, 3 if some
+    failed (their rows say why), 1 on fleetctl's own errors."""
     s = settings()
     with Fleet(load_config(s.config_path), state_dir=s.state_path, max_parallel_ssh=max_parallel_ssh) as fleet:
         result = fleet.heartbeat(list(agents) or None)
+    if csv_path:
+        append_csv(csv_path, result.to_dataframe())
     if as_json:
         print_json([snap.model_dump(mode="json") for snap in result])
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import shlex
 
@@ -33,6 +34,7 @@ _INVALID_FIELD = re.compile(r'Field "([^"]+)" is not a valid field to query', re
 _NOT_FOUND = re.compile(r"(command not found|not found|No such file or directory)\s*$", re.I | re.M)
 
 
+@functools.lru_cache(maxsize=256)
 def tool_of(command: str) -> str:
     """``nvidia-smi``, ``rocm-smi`` or ``amd-smi`` from a command line (path and sudo allowed)."""
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import re
 import shlex
 
@@ -29,6 +30,13 @@ _DEFAULT_UNITS = {"memory.total": "MiB", "memory.used": "MiB", "memory.free": "M
 
 def query_of(command: str) -> tuple[list[str] | None, set[str]]:
     """The ``--query-gpu`` fields and the ``--format`` options named in a command line."""
+    fields, options = _query_of(command)
+    return (None if fields is None else list(fields)), set(options)
+
+
+@functools.lru_cache(maxsize=256)
+def _query_of(command: str) -> tuple[tuple[str, ...] | None, frozenset[str]]:
+    # Cached: a fleet sends the same few commands every beat, and shlex is slow.
     try:
         words = shlex.split(command)
     except ValueError:
@@ -48,7 +56,7 @@ def query_of(command: str) -> tuple[list[str] | None, set[str]]:
                 fields = [f.strip() for f in value.split(",") if f.strip()]
             else:
                 options = {o.strip() for o in value.split(",")}
-    return fields, options
+    return (None if fields is None else tuple(fields)), frozenset(options)
 
 
 def _split_header(cell: str) -> tuple[str, str | None]:

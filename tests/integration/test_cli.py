@@ -7,9 +7,11 @@ import subprocess
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from fleetctl.config import load_config
+from fleetctl.frames import COLUMNS
 from fleetctl.sandbox import Sandbox
 from tests.conftest import needs_netns, run_cli
 
@@ -94,9 +96,11 @@ def test_agents_show_remove_and_import(fleet_sandbox: Sandbox, tmp_path: Path) -
     assert dup.returncode == 1 and "already listed on line 1" in dup.stderr
 
 
-def test_heartbeat_cli_statuses_and_exit_code(fleet_sandbox: Sandbox) -> None:
+def test_heartbeat_cli_statuses_csv_and_exit_code(fleet_sandbox: Sandbox, tmp_path: Path) -> None:
+    csv_path = tmp_path / "logs" / "gpus.csv"
     started = time.monotonic()
-    result = run_cli("heartbeat", "--json", "--config", str(fleet_sandbox.inventory_path))
+    result = run_cli("heartbeat", "--json", "--csv", str(csv_path), "--config", str(fleet_sandbox.inventory_path),
+                     "--state-dir", str(tmp_path / "state"))
     elapsed = time.monotonic() - started
     assert result.returncode == 3, result.stderr
     statuses = {s["agent"]: s["status"] for s in json.loads(result.stdout)}
@@ -107,6 +111,19 @@ def test_heartbeat_cli_statuses_and_exit_code(fleet_sandbox: Sandbox) -> None:
     assert statuses == expected
     # Hosts run in parallel: the round costs about one connect timeout (3 s), not their sum.
     assert elapsed < 3 * 2 + 5
+    rows = pd.read_csv(csv_path)
+    assert list(rows.columns) == COLUMNS
+    per_agent = rows.groupby("agent").size().to_dict()
+    gpus = {"direct-nv": 2, "direct-amd": 2, "lan-nv": 4, "deep-nv": 2}
+    assert per_agent == {name: gpus.get(name, 1) for name in expected}
+    failed = rows[rows["agent"] == "broken-driver"].iloc[0]
+    assert failed["status"] == "driver_error" and "NVIDIA driver" in failed["error"] and pd.isna(failed["gpu_index"])
+    assert set(rows[rows["agent"] == "direct-amd"]["vendor"]) == {"amd"}
+    # A second run appends without a second header.
+    run_cli("heartbeat", "--csv", str(csv_path), "--agent", "direct-nv", "--config", str(fleet_sandbox.inventory_path),
+            "--state-dir", str(tmp_path / "state"))
+    assert len(pd.read_csv(csv_path)) == len(rows) + 2
+    assert csv_path.read_text().count("timestamp,agent") == 1
     ok = run_cli("heartbeat", "--agent", "direct-nv", "--agent", "lan-nv", "--config", str(fleet_sandbox.inventory_path))
     assert ok.returncode == 0 and "NVIDIA H100 80GB HBM3" in ok.stdout
 

@@ -1,0 +1,203 @@
+"""``fleetctl submit``, ``jobs ...`` and ``agents drain/undrain``."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from fleetctl.cli.common import common_options, out, parse_labels, print_json, settings
+from fleetctl.config import load_config
+from fleetctl.errors import ConfigError
+from fleetctl.fleet import Fleet
+from fleetctl.jobs.api import cancel_job
+from fleetctl.jobs.model import FINAL_STATES, JobRecord, parse_duration
+from fleetctl.jobs.queue import JobQueue
+
+STATES = ("queued", "dispatching", "running", *FINAL_STATES)
+EXIT_JOB_FAILED = 3
+
+
+def _fleet() -> Fleet:
+    s = settings()
+    return Fleet(load_config(s.config_path), state_dir=s.state_path)
+
+
+def _payload(path: str | None) -> object:
+    if path is None:
+        return None
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"--payload {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ConfigError(f"--payload {path}: not valid JSON: {exc}", hint="the payload must be a JSON document") from None
+
+
+@click.command("submit", context_settings={"ignore_unknown_options": False})
+@click.option("--gpus", type=click.IntRange(0, 64), default=0, show_default=True, help="GPUs the job needs.")
+@click.option("--min-free-mem-mib", type=click.FloatRange(0), help="Free memory each GPU must have.")
+@click.option("--label", "labels", multiple=True, metavar="KEY=GLOB", help="Agent label to match (gpu_type=a100*).")
+@click.option("--agent", metavar="NAME", help="Run on this agent only.")
+@click.option("--env", "env", multiple=True, metavar="K=V", help="Environment variable for the job; repeatable.")
+@click.option("--workdir", metavar="DIR", help="Remote working directory (default: the job's private dir).")
+@click.option("--timeout", metavar="DURATION", help="Kill the job after this long (90s, 15m, 2h).")
+@click.option("--retries", type=click.IntRange(0, 100), default=0, show_default=True,
+              help="Times to re-run the job if its host is lost (0: side-effecting work runs at most once).")
+@click.option("--payload", type=click.Path(dir_okay=False), metavar="FILE.json", help="JSON the job reads from $FLEETCTL_JOB_FILE.")
+@click.option("--output", "outputs", multiple=True, metavar="REMOTE_PATH", help="File to pull back when the job ends.")
+@click.option("--after", "after", multiple=True, metavar="JOB_ID", help="Start only after this job succeeded.")
+@click.option("--name", help="A name to recognise the job by.")
+@click.option("--priority", type=int, default=0, show_default=True, help="Higher runs first; FIFO within a priority.")
+@click.option("--wait", "wait", is_flag=True, help="Wait for the job to end; exit 0 if it succeeded, 3 if not.")
+@click.argument("command", nargs=-1, required=True)
+@common_options
+def submit_command(gpus: int, min_free_mem_mib: float | None, labels: tuple[str, ...], agent: str | None,
+                   env: tuple[str, ...], workdir: str | None, timeout: str | None, retries: int, payload: str | None,
+                   outputs: tuple[str, ...], after: tuple[str, ...], name: str | None, priority: int, wait: bool,
+                   command: tuple[str, ...]) -> None:
+    """Queue COMMAND for the fleet and print the job id (durable once printed).
+
+    \b
+    fleetctl submit --gpus 2 -- python3 train.py --epochs 3
+    """
+    with _fleet() as fleet:
+        job = fleet.submit(list(command), gpus=gpus, min_free_mem_mib=min_free_mem_mib, labels=parse_labels(labels),
+                           agent=agent, env=parse_labels(env, "--env"), workdir=workdir,
+                           timeout_s=parse_duration(timeout) if timeout else None, retries=retries,
+                           payload=_payload(payload), outputs=list(outputs), after=list(after), name=name,
+                           priority=priority)
+        click.echo(job.id)
+        if wait:
+            _report_end(job.wait())
+
+
+def _report_end(record: JobRecord) -> None:
+    sys.stderr.write(f"job {record.id} {record.state}: {record.reason or ''}\n")
+    if record.state != "succeeded":
+        raise click.exceptions.Exit(EXIT_JOB_FAILED)
+
+
+@click.group("jobs")
+def jobs_group() -> None:
+    """The job queue: list, show, logs, wait, cancel."""
+
+
+def _when(value: object) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S") if hasattr(value, "strftime") else ""
+
+
+@jobs_group.command("list")
+@click.option("--state", "states", multiple=True, type=click.Choice(STATES), help="Only jobs in this state; repeatable.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@common_options
+def list_jobs(states: tuple[str, ...], as_json: bool) -> None:
+    """Jobs, highest priority then oldest first."""
+    with _fleet() as fleet:
+        records = JobQueue(fleet.store).list(list(states) or None)  # type: ignore[arg-type]
+    if as_json:
+        print_json([r.model_dump(mode="json") for r in records])
+        return
+    table = Table("ID", "NAME", "STATE", "AGENT", "GPUS", "SUBMITTED", "REASON", "COMMAND", box=None, pad_edge=False)
+    for r in records:
+        table.add_row(r.id, r.name or "", r.state, r.agent or "", ",".join(r.gpus), _when(r.submitted),
+                      r.reason or "", " ".join(r.spec.command)[:60], )
+    out.print(table)
+
+
+@jobs_group.command("show")
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@common_options
+def show_job(job_id: str, as_json: bool) -> None:
+    """One job: its spec, state, result and history of events."""
+    with _fleet() as fleet:
+        queue = JobQueue(fleet.store)
+        record = queue.get(job_id)
+        events = queue.events(record.id)
+    if as_json:
+        print_json({**record.model_dump(mode="json"), "events": [{"ts": t, "event": e, "detail": d} for t, e, d in events]})
+        return
+    out.print(f"job {record.id} ({record.name or 'unnamed'}): {record.state}", markup=False)
+    for label, value in (("command", " ".join(record.spec.command)), ("agent", record.agent), ("gpus", ",".join(record.gpus)),
+                         ("attempt", record.attempt), ("remote dir", record.remote_dir), ("reason", record.reason),
+                         ("exit code", record.exit_code), ("output", json.dumps(record.result.output) if record.result else None),
+                         ("logs", record.result.stdout_path if record.result else None)):
+        if value not in (None, ""):
+            out.print(f"  {label}: {value}", markup=False)
+    for ts, event, detail in events:
+        out.print(f"  {time.strftime('%H:%M:%S', time.localtime(ts))} {event}{': ' + detail if detail else ''}", markup=False)
+
+
+@jobs_group.command("logs")
+@click.argument("job_id")
+@click.option("--stderr", "stream", flag_value="stderr", default=False, help="stderr instead of stdout.")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing while the job runs (read over SSH).")
+@common_options
+def job_logs(job_id: str, stream: str | bool, follow: bool) -> None:
+    """The job's stdout (or stderr): collected copy once ended, the remote file while it runs."""
+    name = stream if isinstance(stream, str) else "stdout"
+    with _fleet() as fleet:
+        job = fleet.job(job_id)
+        printed = 0
+        while True:
+            text = job.logs(name)
+            sys.stdout.write(text[printed:])
+            sys.stdout.flush()
+            printed = len(text)
+            if not follow or job.record.done:
+                if follow and job.record.result is not None:
+                    final = job.logs(name)
+                    sys.stdout.write(final[printed:])
+                return
+            time.sleep(1.0)
+
+
+@jobs_group.command("wait")
+@click.argument("job_id")
+@click.option("--timeout", metavar="DURATION", help="Give up after this long (exit 1).")
+@common_options
+def wait_job(job_id: str, timeout: str | None) -> None:
+    """Until the job ends (driving the queue if no `fleetctl serve` runs). Exit 0 if it succeeded, 3 if not."""
+    with _fleet() as fleet:
+        record = fleet.job(job_id).wait(timeout=parse_duration(timeout) if timeout else None)
+    _report_end(record)
+
+
+@jobs_group.command("cancel")
+@click.argument("job_id")
+@click.option("--force", is_flag=True, help="SIGKILL at once instead of SIGTERM then SIGKILL after a grace period.")
+@common_options
+def cancel_command(job_id: str, force: bool) -> None:
+    """Cancel a queued or running job."""
+    with _fleet() as fleet:
+        record = cancel_job(fleet, job_id, force=force)
+    out.print(f"job {record.id}: {'cancelled' if record.state == 'cancelled' else 'signalled; it ends as cancelled'}",
+              markup=False)
+
+
+@click.command("drain")
+@click.argument("name")
+@common_options
+def drain_command(name: str) -> None:
+    """Place no new jobs on NAME; running jobs finish."""
+    with _fleet() as fleet:
+        fleet.drain(name)
+    out.print(f"{name}: draining (running jobs finish, no new ones are placed)", markup=False)
+
+
+@click.command("undrain")
+@click.argument("name")
+@common_options
+def undrain_command(name: str) -> None:
+    """Place jobs on NAME again."""
+    with _fleet() as fleet:
+        fleet.drain(name, False)
+    out.print(f"{name}: accepting jobs", markup=False)
+
+
+__all__ = ["drain_command", "jobs_group", "submit_command", "undrain_command"]

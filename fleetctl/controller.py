@@ -1,0 +1,105 @@
+"""``fleetctl serve``: the long-running controller. APScheduler runs each agent's heartbeat on its
+own interval (coalescing missed runs, never two of one agent at once) and, when a job runner is
+attached, a scheduler tick that places, dispatches and collects jobs."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from fleetctl.config import Agent
+from fleetctl.fleet import Fleet
+
+log = logging.getLogger("fleetctl.serve")
+
+
+class Controller:
+    def __init__(self, fleet: Fleet, *, tick: Callable[[], None] | None = None) -> None:
+        self.fleet = fleet
+        self.tick = tick
+        self.beats = 0
+        self._stopping = threading.Event()
+        self._idle = threading.Condition()
+        self._active = 0
+        self._scheduler = BackgroundScheduler(
+            executors={"default": ThreadPoolExecutor(fleet.max_parallel_ssh), "tick": ThreadPoolExecutor(1)},
+            job_defaults={"coalesce": True, "max_instances": 1},
+            timezone=timezone.utc,
+        )
+        # "skipped: maximum number of running instances reached" is the design working, not news.
+        logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
+        logging.getLogger("apscheduler.executors").setLevel(logging.ERROR)
+
+    def interval_of(self, agent: Agent) -> float:
+        return agent.heartbeat_interval_s or self.fleet.settings.heartbeat_interval_s
+
+    def start(self) -> None:
+        agents = list(self.fleet.inventory)
+        now = datetime.now(timezone.utc)
+        for position, agent in enumerate(agents):
+            interval = self.interval_of(agent)
+            # Spread first beats over one interval so a big fleet does not beat in lockstep.
+            first = now + timedelta(seconds=interval * position / max(1, len(agents)))
+            self._scheduler.add_job(self._beat, "interval", seconds=interval, args=[agent], id=f"heartbeat:{agent.name}",
+                                    next_run_time=first, misfire_grace_time=max(1, int(interval)))
+        if self.tick is not None:
+            tick_s = self.fleet.settings.scheduler_tick_s
+            self._scheduler.add_job(self._tick, "interval", seconds=tick_s, id="jobs", executor="tick",
+                                    next_run_time=now, misfire_grace_time=max(1, int(tick_s)))
+        self._scheduler.start()
+        log.info("serving %d agents", len(agents))
+
+    def _tracked(self, work: Callable[[], None]) -> None:
+        with self._idle:
+            if self._stopping.is_set():
+                return
+            self._active += 1
+        try:
+            work()
+        finally:
+            with self._idle:
+                self._active -= 1
+                self._idle.notify_all()
+
+    def _beat(self, agent: Agent) -> None:
+        def beat() -> None:
+            snapshot = self.fleet.heartbeat_one(agent)
+            if self._stopping.is_set():
+                return  # stop() closed the connection under it: not a real miss
+            for change in self.fleet.record([snapshot]):
+                detail = f" ({snapshot.status}: {snapshot.error})" if snapshot.error else ""
+                log.warning("%s %s -> %s%s", change.agent, change.before, change.after, detail)
+            self.beats += 1
+        self._tracked(beat)
+
+    def _tick(self) -> None:
+        def tick() -> None:
+            try:
+                if self.tick is not None:
+                    self.tick()
+            except Exception:  # one bad tick must not stop the controller; the next one retries
+                log.exception("scheduler tick failed")
+        self._tracked(tick)
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """Stop scheduling, abort in-flight SSH work, wait for the workers, close the store."""
+        self._stopping.set()
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=False)
+        self.fleet.close_connections()
+        with self._idle:
+            self._idle.wait_for(lambda: self._active == 0, timeout=grace_s)
+        self.fleet.close()
+
+    def run_until(self, stop: threading.Event) -> None:
+        self.start()
+        try:
+            while not stop.wait(0.5):
+                pass
+        finally:
+            self.stop()

@@ -1,0 +1,131 @@
+"""Telemetry history and agent health in the store: record a round, read it back as a DataFrame."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Optional
+
+from fleetctl.errors import ConfigError
+from fleetctl.frames import COLUMNS, snapshot_rows, typed_frame
+from fleetctl.health import Health, HealthPolicy, advance
+from fleetctl.store import Store
+from fleetctl.telemetry import TelemetrySnapshot
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+_INSERT = f"INSERT INTO telemetry (ts, {', '.join(COLUMNS)}) VALUES ({', '.join('?' * (len(COLUMNS) + 1))})"
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+@dataclass(frozen=True)
+class Transition:
+    agent: str
+    before: str
+    after: str
+
+
+@dataclass(frozen=True)
+class AgentStatus:
+    """What the store knows of one agent: its health, drain flag and latest snapshot."""
+
+    agent: str
+    health: Health
+    draining: bool
+    snapshot: Optional[TelemetrySnapshot]
+
+
+def record(store: Store, snapshots: Iterable[TelemetrySnapshot], policy: HealthPolicy) -> list[Transition]:
+    """Append the snapshots to history and advance each agent's health, in one transaction."""
+    snapshots = list(snapshots)
+    if not snapshots:
+        return []
+    rows = [(snap.timestamp.timestamp(), *(row[c] for c in COLUMNS))
+            for snap in snapshots for row in snapshot_rows([snap])]
+    transitions = []
+    with store.transaction() as db:
+        db.executemany(_INSERT, rows)
+        names = [s.agent for s in snapshots]
+        known = {row[0]: Health(*row[1:]) for row in db.execute(
+            f"SELECT agent, health, misses, last_ok, last_seen, since FROM agents WHERE agent IN ({','.join('?' * len(names))})",
+            names)}
+        updates = []
+        for snap in snapshots:
+            before = known.get(snap.agent, Health())
+            after = advance(before, snap.ok, snap.timestamp.timestamp(), policy)
+            known[snap.agent] = after
+            if after.state != before.state:
+                transitions.append(Transition(snap.agent, before.state, after.state))
+            updates.append((snap.agent, after.state, after.misses, after.last_ok, after.last_seen, after.since,
+                            snap.model_dump_json()))
+        db.executemany(
+            "INSERT INTO agents (agent, health, misses, last_ok, last_seen, since, snapshot) VALUES (?,?,?,?,?,?,?) "
+            "ON CONFLICT (agent) DO UPDATE SET health=excluded.health, misses=excluded.misses, "
+            "last_ok=excluded.last_ok, last_seen=excluded.last_seen, since=excluded.since, snapshot=excluded.snapshot",
+            updates)
+    return transitions
+
+
+def prune(store: Store, retention_days: float, now: float | None = None) -> int:
+    """Delete history older than the retention period; returns the rows removed."""
+    cutoff = (now or time.time()) - retention_days * 86400
+    with store.transaction() as db:
+        return db.execute("DELETE FROM telemetry WHERE ts < ?", (cutoff,)).rowcount
+
+
+def parse_since(text: str, now: datetime | None = None) -> datetime:
+    """``90s``, ``15m``, ``1h``, ``2d``, ``1w`` ago, or an ISO time (UTC unless it says otherwise)."""
+    now = now or datetime.now(timezone.utc)
+    match = _DURATION.match(text)
+    if match:
+        return now - timedelta(seconds=float(match.group(1)) * _UNIT_S[match.group(2)])
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ConfigError(f"--since {text!r} is neither a duration nor an ISO time",
+                          hint="write e.g. 1h, 30m, 2d or 2026-11-01T00:00") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def history(store: Store, since: datetime | str | None = None, agents: list[str] | None = None,
+            until: datetime | None = None) -> pd.DataFrame:
+    """Rows in the CSV schema, oldest first."""
+    import pandas as pd
+
+    clauses: list[str] = []
+    params: list[float | str] = []
+    if since is not None:
+        moment = parse_since(since) if isinstance(since, str) else since
+        clauses.append("ts >= ?")
+        params.append(moment.timestamp())
+    if until is not None:
+        clauses.append("ts < ?")
+        params.append(until.timestamp())
+    if agents:
+        clauses.append(f"agent IN ({','.join('?' * len(agents))})")
+        params.extend(agents)
+    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    sql = f"SELECT {', '.join(COLUMNS)} FROM telemetry{where} ORDER BY ts, rowid"
+    with store.lock:
+        frame = pd.read_sql_query(sql, store.connection, params=params)
+    return typed_frame(frame)
+
+
+def agent_statuses(store: Store) -> dict[str, AgentStatus]:
+    rows = store.query("SELECT agent, health, misses, last_ok, last_seen, since, draining, snapshot FROM agents")
+    return {row["agent"]: AgentStatus(
+        agent=row["agent"], health=Health(row["health"], row["misses"], row["last_ok"], row["last_seen"], row["since"]),
+        draining=bool(row["draining"]),
+        snapshot=TelemetrySnapshot.model_validate_json(row["snapshot"]) if row["snapshot"] else None)
+        for row in rows}
+
+
+def set_draining(store: Store, agent: str, draining: bool) -> None:
+    with store.transaction() as db:
+        db.execute("INSERT INTO agents (agent, draining) VALUES (?, ?) "
+                   "ON CONFLICT (agent) DO UPDATE SET draining = excluded.draining", (agent, int(draining)))

@@ -1,0 +1,107 @@
+"""What a job is: the spec a user submits, and the record the queue keeps."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from fleetctl.errors import ConfigError
+
+JobState = Literal["queued", "dispatching", "running", "succeeded", "failed", "cancelled", "timed_out", "lost"]
+FINAL_STATES: tuple[JobState, ...] = ("succeeded", "failed", "cancelled", "timed_out", "lost")
+ACTIVE_STATES: tuple[JobState, ...] = ("dispatching", "running")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(text: str | float | int, what: str = "--timeout") -> float:
+    """``90``, ``90s``, ``15m``, ``2h``, ``1d`` -> seconds."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    match = _DURATION.match(text)
+    if not match or float(match.group(1)) <= 0:
+        raise ConfigError(f"{what} {text!r} is not a duration", hint="write e.g. 90s, 15m or 2h")
+    return float(match.group(1)) * _UNIT_S[match.group(2)]
+
+
+class JobSpec(BaseModel):
+    """Everything ``fleetctl submit`` accepts; stored as JSON in the queue."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    command: list[str] = Field(min_length=1)
+    name: Optional[str] = None
+    gpus: int = Field(default=0, ge=0, le=64)
+    min_free_mem_mib: Optional[float] = Field(default=None, ge=0)
+    labels: dict[str, str] = Field(default_factory=dict)  # glob patterns
+    agent: Optional[str] = None
+    env: dict[str, str] = Field(default_factory=dict)
+    workdir: Optional[str] = None
+    timeout_s: Optional[float] = Field(default=None, gt=0)
+    retries: int = Field(default=0, ge=0, le=100)
+    payload: Any = None
+    outputs: list[str] = Field(default_factory=list)
+    after: list[str] = Field(default_factory=list)
+    priority: int = 0
+    allow_busy_gpus: bool = False  # place on GPUs a foreign process is using
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if not _ENV_NAME.match(key):
+                raise ValueError(f"{key!r} is not a valid environment variable name")
+        return value
+
+
+class JobResult(BaseModel):
+    """What came back from the host."""
+
+    exit_code: Optional[int] = None
+    signal: Optional[int] = None
+    started: Optional[datetime] = None
+    finished: Optional[datetime] = None
+    agent: Optional[str] = None
+    gpus: list[str] = Field(default_factory=list)
+    output: Any = None
+    outputs: dict[str, str] = Field(default_factory=dict)  # remote path -> local path
+    stdout_path: Optional[str] = None
+    stderr_path: Optional[str] = None
+    logs_truncated: bool = False
+    timed_out: bool = False
+    cancelled: bool = False
+    attempt: int = 0
+
+
+class JobRecord(BaseModel):
+    """One row of the queue."""
+
+    id: str
+    name: Optional[str] = None
+    state: JobState
+    spec: JobSpec
+    agent: Optional[str] = None
+    gpus: list[str] = Field(default_factory=list)
+    remote_dir: Optional[str] = None
+    attempt: int = 0
+    submitted: datetime
+    dispatched: Optional[datetime] = None
+    started: Optional[datetime] = None
+    finished: Optional[datetime] = None
+    exit_code: Optional[int] = None
+    signal: Optional[int] = None
+    reason: Optional[str] = None
+    result: Optional[JobResult] = None
+    cancel_requested: bool = False
+
+    @property
+    def done(self) -> bool:
+        return self.state in FINAL_STATES
+
+
+def utc(epoch: object) -> datetime | None:
+    return datetime.fromtimestamp(epoch, timezone.utc) if isinstance(epoch, (int, float)) else None

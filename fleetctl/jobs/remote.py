@@ -1,0 +1,151 @@
+"""The remote half of a job, as POSIX ``sh`` text built here (pure functions, no I/O).
+
+A job attempt lives in a private directory ``${TMPDIR:-/tmp}/fleetctl-job-<id>-a<attempt>.XXXXXXXX``
+made by ``mktemp -d`` (mode 0700, unpredictable suffix). In it:
+
+    job.json      what the job sees at $FLEETCTL_JOB_FILE (uploaded over SFTP)
+    run.sh        the wrapper (uploaded over SFTP); runs the command in its own session
+    started/      made by the launch step with ``mkdir``: atomic, so a second launch is refused
+    wrapper       the wrapper's PID (alive = the job is running)
+    pgid          the command's process group (cancel and timeout signal it)
+    stdout.log, stderr.log, output.json ($FLEETCTL_OUTPUT_FILE)
+    cancelled, timed_out   markers written before the signals are sent
+    result.json   exit code, signal and times; written to a temp name then renamed
+
+Every value that reaches the shell goes through ``shlex.quote``.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass
+
+from fleetctl.jobs.model import JobSpec
+
+SCAN_MARK = "\x1efleetctl-job"
+DIR_PATTERN = re.compile(r"/fleetctl-job-(j[0-9a-f]+)-a(\d+)\.[A-Za-z0-9]+/?$")
+KILL_GRACE_S = 10
+
+
+def make_dir_command(job_id: str, attempt: int) -> str:
+    template = f"fleetctl-job-{job_id}-a{attempt}.XXXXXXXX"
+    assert re.fullmatch(r"[a-z0-9.X-]+", template)  # nothing in it needs quoting
+    script = 'umask 077; d=$(mktemp -d "${TMPDIR:-/tmp}/TEMPLATE") && printf %s "$d"'.replace("TEMPLATE", template)
+    return "sh -c " + shlex.quote(script)
+
+
+def _cd(workdir: str | None) -> str:
+    if not workdir:
+        return 'cd "$d"'
+    if workdir == "~" or workdir.startswith("~/"):
+        return f'cd "$HOME"/{shlex.quote(workdir[2:] or ".")}'
+    return f"cd {shlex.quote(workdir)}"
+
+
+def gpu_environment(vendor: str, gpu_ids: list[str]) -> dict[str, str]:
+    visible = ",".join(gpu_ids)
+    if vendor == "amd":
+        return {"HIP_VISIBLE_DEVICES": visible, "ROCR_VISIBLE_DEVICES": visible}
+    return {"CUDA_VISIBLE_DEVICES": visible}
+
+
+def wrapper_script(job_id: str, remote_dir: str, spec: JobSpec, gpu_env: dict[str, str],
+                   kill_grace_s: int = KILL_GRACE_S) -> str:
+    """``run.sh``: start the command in a session of its own, wait, write result.json atomically."""
+    env = {**spec.env, **gpu_env}
+    exports = "\n".join(f"export {name}={shlex.quote(value)}" for name, value in env.items())
+    command = " ".join(shlex.quote(word) for word in spec.command)
+    watchdog = ""
+    if spec.timeout_s:
+        # On the host, so the deadline holds while the controller is down or the network is gone.
+        watchdog = (f"setsid sh -c 'sleep {int(spec.timeout_s + 0.999)}; [ -e \"$1/result.json\" ] || {{ : > \"$1/timed_out\"; "
+                    f"kill -TERM -\"$2\"; sleep {kill_grace_s}; kill -KILL -\"$2\"; }}' sh \"$d\" \"$child\" "
+                    "</dev/null >/dev/null 2>&1 &\nwatchdog=$!")
+    return f"""#!/bin/sh
+d={shlex.quote(remote_dir)}
+echo $$ > "$d/wrapper"
+export FLEETCTL_JOB_ID={shlex.quote(job_id)} FLEETCTL_JOB_FILE="$d/job.json" FLEETCTL_OUTPUT_FILE="$d/output.json"
+{exports}
+started=$(date +%s)
+if {_cd(spec.workdir)} 2>"$d/stderr.log"; then
+  setsid {command} >"$d/stdout.log" 2>"$d/stderr.log" </dev/null &
+  child=$!
+  echo "$child" > "$d/pgid"
+  {watchdog}
+  wait "$child"; rc=$?
+  [ -n "${{watchdog:-}}" ] && kill -KILL -"$watchdog" 2>/dev/null
+else
+  rc=126
+fi
+sig=null; [ "$rc" -gt 128 ] && [ "$rc" -lt 193 ] && sig=$((rc - 128))
+t=false; [ -e "$d/timed_out" ] && t=true
+c=false; [ -e "$d/cancelled" ] && c=true
+printf '{{"exit_code": %s, "signal": %s, "started": %s, "finished": %s, "timed_out": %s, "cancelled": %s}}\\n' \\
+  "$rc" "$sig" "$started" "$(date +%s)" "$t" "$c" > "$d/result.json.tmp" && mv "$d/result.json.tmp" "$d/result.json"
+"""
+
+
+def launch_command(remote_dir: str) -> str:
+    """Start the wrapper detached. ``mkdir started`` is atomic: a second launch of the same
+    directory (a controller that died between upload and launch, then retried) is refused."""
+    script = (
+        f"d={shlex.quote(remote_dir)}\n"
+        '[ -f "$d/job.json" ] && [ -f "$d/run.sh" ] || { echo "job files missing in $d" >&2; exit 3; }\n'
+        'command -v setsid >/dev/null 2>&1 || { echo "setsid not found on the host (install util-linux)" >&2; exit 5; }\n'
+        'mkdir "$d/started" 2>/dev/null || { echo "already started" >&2; exit 4; }\n'
+        'setsid sh "$d/run.sh" </dev/null >/dev/null 2>&1 &\n'
+        "echo started"
+    )
+    return "sh -c " + shlex.quote(script)
+
+
+LAUNCH_ALREADY_STARTED = 4
+
+
+def cancel_command(remote_dir: str, force: bool, grace_s: int = KILL_GRACE_S) -> str:
+    """SIGTERM to the job's process group, SIGKILL after ``grace_s`` (by a detached helper on the
+    host, so it happens even if the controller goes away), or SIGKILL at once with ``force``."""
+    then = ('kill -KILL -"$p" 2>/dev/null' if force else
+            f"setsid sh -c 'sleep {grace_s}; kill -KILL -\"$1\" 2>/dev/null' sh \"$p\" </dev/null >/dev/null 2>&1 &")
+    script = (f"d={shlex.quote(remote_dir)}\n"
+              '[ -f "$d/pgid" ] || exit 3\n'
+              'p=$(cat "$d/pgid"); : > "$d/cancelled"\n'
+              'kill -TERM -"$p" 2>/dev/null\n'
+              f"{then}\necho signalled")
+    return "sh -c " + shlex.quote(script)
+
+
+def remove_command(remote_dir: str) -> str:
+    if not DIR_PATTERN.search(remote_dir):  # never rm -rf anything but a job directory
+        raise ValueError(f"refusing to remove {remote_dir!r}: not a fleetctl job directory")
+    return f"rm -rf -- {shlex.quote(remote_dir)}"
+
+
+# Appended to every heartbeat: one line per job directory with its state, no extra round trip.
+SCAN_SCRIPT = (
+    'for d in "${TMPDIR:-/tmp}"/fleetctl-job-*; do [ -d "$d" ] || continue; '
+    'if [ -f "$d/result.json" ]; then s=done; '
+    'elif [ -f "$d/wrapper" ]; then if kill -0 "$(cat "$d/wrapper")" 2>/dev/null; then s=running; else s=vanished; fi; '
+    'elif [ -d "$d/started" ]; then s=starting; else s=new; fi; '
+    f"printf '{SCAN_MARK} %s %s\\n' \"$s\" \"$d\"; done"
+)
+
+
+@dataclass(frozen=True)
+class RemoteJobDir:
+    path: str
+    state: str  # new, starting, running, done, vanished
+    job_id: str
+    attempt: int
+
+
+def parse_scan_line(line: str) -> RemoteJobDir | None:
+    parts = line.removeprefix(SCAN_MARK).strip().split(" ", 1)
+    if len(parts) != 2:
+        return None
+    state, path = parts
+    match = DIR_PATTERN.search(path)
+    if not match or state not in ("new", "starting", "running", "done", "vanished"):
+        return None
+    return RemoteJobDir(path, state, match.group(1), int(match.group(2)))

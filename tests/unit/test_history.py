@@ -1,0 +1,156 @@
+"""Health state machine, the SQLite history, CSV appends, and Fleet over an in-process fake transport."""
+
+from __future__ import annotations
+
+import multiprocessing
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fleetctl.config import Agent, Inventory
+from fleetctl.errors import ConfigError, ConnectionLost, UnreachableError
+from fleetctl.fleet import Fleet
+from fleetctl.frames import COLUMNS, append_csv, to_dataframe
+from fleetctl.health import Health, HealthPolicy, advance
+from fleetctl.heartbeat import MARK
+from fleetctl.history import history, parse_since, prune, record
+from fleetctl.store import Store
+from fleetctl.telemetry import GpuSample, TelemetrySnapshot
+from fleetctl.transport import CommandResult, Route
+
+POLICY = HealthPolicy(offline_after_misses=3, offline_grace_s=600)
+NOW = datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc)
+
+
+def snap(agent: str, status: str = "ok", at: datetime = NOW, gpus: int = 2) -> TelemetrySnapshot:
+    samples = [GpuSample(index=i, vendor="nvidia", memory_total_mib=1000, memory_used_mib=10 * i) for i in range(gpus)]
+    return TelemetrySnapshot(agent=agent, timestamp=at, status=status,  # type: ignore[arg-type]
+                             gpus=samples if status == "ok" else [], error=None if status == "ok" else "boom")
+
+
+def test_a_blip_is_not_a_death() -> None:
+    health = advance(Health(), True, 0, POLICY)
+    assert health.state == "online"
+    for beat in (5, 10):
+        health = advance(health, False, beat, POLICY)
+        assert health.state == "online"
+    assert advance(health, True, 15, POLICY) == Health("online", 0, 15, 15, 0)
+    health = advance(advance(health, False, 20, POLICY), False, 25, POLICY)
+    assert advance(health, False, 30, POLICY).state == "offline"
+
+
+def test_grace_period_marks_offline_before_n_misses() -> None:
+    health = advance(Health(), True, 0, POLICY)
+    health = advance(health, False, 700, POLICY)  # one miss, but nothing good for 700 s > 600 s
+    assert (health.state, health.misses, health.since) == ("offline", 1, 700)
+
+
+def test_never_seen_good_stays_unknown_until_n_misses() -> None:
+    health = Health()
+    for beat in range(2):
+        health = advance(health, False, beat, POLICY)
+        assert health.state == "unknown"
+    assert advance(health, False, 3, POLICY).state == "offline"
+
+
+def test_record_history_and_transitions(tmp_path: Path) -> None:
+    store = Store.in_state_dir(tmp_path)
+    assert [t.after for t in record(store, [snap("a"), snap("b", "timeout")], POLICY)] == ["online"]
+    record(store, [snap("a", at=NOW + timedelta(seconds=5))], POLICY)
+    frame = history(store)
+    assert list(frame.columns) == COLUMNS
+    assert len(frame) == 2 + 1 + 2 and frame["gpu_index"].dtype == "Int64"
+    assert frame.equals(history(Store.in_state_dir(tmp_path)))  # a second process sees the same rows
+    only_a = history(store, since=NOW + timedelta(seconds=1), agents=["a"])
+    assert len(only_a) == 2 and set(only_a["agent"]) == {"a"}
+    assert history(store, agents=["b"]).iloc[0]["status"] == "timeout"
+    assert prune(store, retention_days=1, now=(NOW + timedelta(days=1, seconds=2)).timestamp()) == 3
+    assert len(history(store)) == 2
+
+
+def test_round_and_history_frames_have_the_same_dtypes(tmp_path: Path) -> None:
+    store = Store.in_state_dir(tmp_path)
+    snaps = [snap("a"), snap("b", "unreachable")]
+    record(store, snaps, POLICY)
+    assert history(store).dtypes.equals(to_dataframe(snaps).dtypes)
+
+
+def test_parse_since() -> None:
+    assert parse_since("1h", NOW) == NOW - timedelta(hours=1)
+    assert parse_since("90s", NOW) == NOW - timedelta(seconds=90)
+    assert parse_since("2026-11-01T00:00", NOW) == datetime(2026, 11, 1, tzinfo=timezone.utc)
+    with pytest.raises(ConfigError, match="neither a duration nor an ISO time"):
+        parse_since("yesterday")
+
+
+def _append_many(path: str, worker: int) -> None:
+    frame = to_dataframe([snap(f"w{worker}", at=NOW + timedelta(seconds=i), gpus=8) for i in range(50)])
+    for _ in range(4):
+        append_csv(path, frame)
+
+
+def test_concurrent_csv_appends_never_interleave(tmp_path: Path) -> None:
+    target = tmp_path / "gpus.csv"
+    target.touch()  # an empty file still gets the header
+    workers = [multiprocessing.Process(target=_append_many, args=(str(target), n)) for n in range(4)]
+    for process in workers:
+        process.start()
+    for process in workers:
+        process.join(60)
+    text = target.read_text()
+    assert text.count("timestamp,agent") == 1
+    frame = pd.read_csv(target)
+    assert len(frame) == 4 * 4 * 50 * 8 and list(frame.columns) == COLUMNS
+
+
+def test_unwritable_csv_is_a_one_line_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot write .*: Is a directory"):
+        append_csv(tmp_path, to_dataframe([snap("a")]))
+
+
+class FakeConnection:
+    """An in-process stand-in for an SSH connection that answers heartbeats."""
+
+    def __init__(self, script: list[object]) -> None:
+        self.script = script
+        self.is_open = True
+
+    def run(self, command: str, timeout: float | None = None) -> CommandResult:
+        step = self.script.pop(0) if self.script else "ok"
+        if isinstance(step, Exception):
+            self.is_open = False
+            raise step
+        output = f"{MARK}-cmd given\n0, GPU-1, Fake GPU, 100, 10, 90, 5, 40, 50, 100\n{MARK}-rc 0\n0.5 0.4 0.3 1/100 42\n"
+        return CommandResult(command=command, exit_code=0, stdout=output, stderr="")
+
+    def close(self) -> None:
+        self.is_open = False
+
+
+def test_fleet_reopens_a_dead_connection_and_never_stops_at_a_bad_host(tmp_path: Path) -> None:
+    query = ("nvidia-smi --query-gpu=index,uuid,name,memory.total,memory.used,memory.free,utilization.gpu,"
+             "temperature.gpu,power.draw,power.limit --format=csv,noheader,nounits")
+    agents = [Agent(name=n, hostname=f"{n}.example", gpu_query_cmd=query) for n in ("good", "flaky", "dead")]
+    opened: list[str] = []
+    scripts = {"good.example": [], "flaky.example": [ConnectionLost("dropped")], "dead.example": []}
+
+    def connector(route: Route) -> FakeConnection:
+        host = route.hops[-1].hostname
+        opened.append(host)
+        if host == "dead.example":
+            raise UnreachableError("connection refused by dead.example:22")
+        return FakeConnection(scripts[host])
+
+    with Fleet(Inventory(tmp_path / "a.toml", agents, {}), state_dir=tmp_path, connector=connector) as fleet:  # type: ignore[arg-type]
+        first = fleet.heartbeat()
+        second = fleet.heartbeat()
+        statuses = {s.agent: s.status for s in first}
+        assert statuses == {"good": "ok", "flaky": "ok", "dead": "unreachable"}
+        assert first.snapshots[0].gpus[0].temperature_c == 40 and first.snapshots[0].host.load_1m == 0.5
+        # flaky's connection died mid-run and was reopened once; good kept its connection.
+        assert opened.count("good.example") == 1 and opened.count("flaky.example") == 2
+        assert len(second.ok) == 2
+        assert set(fleet.health()["health"]) == {"online", "unknown"}
+        assert len(fleet.history(agent="good")) == 2
