@@ -32,6 +32,17 @@ try:
             print(snapshot.agent, snapshot.status, snapshot.error)
         frame = result.to_dataframe()  # one row per GPU, the same columns as the CSV export
         print(frame[["agent", "gpu_index", "gpu_name", "memory_used_mib", "memory_total_mib", "utilization_gpu_pct"]])
+
+        # %% History: every round above was recorded in SQLite; health says online/offline.
+        fleet.heartbeat()
+        print(fleet.history(since="10m").groupby("agent")["temperature_c"].mean())
+        print(fleet.health())
+
+        # %% A job: queued durably, placed on a host with a free GPU, run detached, result pulled back.
+        job = fleet.submit(["python3", "-c", "import os; print(os.environ.get('CUDA_VISIBLE_DEVICES'))"], gpus=1)
+        record = job.wait(timeout=120)  # drives the queue itself when no `fleetctl serve` is running
+        print(record.state, record.agent, record.gpus, job.logs())
+        print(fleet.jobs()[["id", "state", "agent", "gpus", "reason"]])
 finally:
     if sandbox is not None:
         sandbox.down()

@@ -3,6 +3,7 @@
     >>> import fleetctl
     >>> fleet = fleetctl.Fleet.from_config()          # ~/.config/fleetctl/ssh-agents.toml
     >>> fleet.heartbeat().to_dataframe()              # one row per GPU
+    >>> fleet.submit(["python3", "train.py"], gpus=2).wait().result
 """
 
 from __future__ import annotations
@@ -23,12 +24,15 @@ from fleetctl.errors import (
     JobError,
     ParseError,
     SandboxError,
+    StoreError,
     ToolMissingError,
     TransportError,
     UnknownAgentError,
     UnreachableError,
 )
 from fleetctl.fleet import Fleet, HeartbeatRound
+from fleetctl.jobs.api import Job
+from fleetctl.jobs.model import JobRecord, JobResult, JobSpec
 from fleetctl.parsers import InvalidQueryError, NoGpusError, parse_gpu_output
 from fleetctl.registration import Registration, register_ssh
 from fleetctl.telemetry import GpuSample, HostBasics, TelemetrySnapshot
@@ -37,7 +41,7 @@ from fleetctl.transport import CommandResult
 __all__ = [
     "Agent", "AuthError", "Bastion", "CommandFailed", "CommandResult", "CommandTimeout", "ConfigError",
     "ConnectTimeout", "ConnectionLost", "DriverError", "Fleet", "FleetError", "GpuSample", "HeartbeatRound",
-    "HostBasics", "HostKeyError", "InvalidQueryError", "Inventory", "JobError", "NoGpusError", "ParseError",
-    "Registration", "SandboxError", "TelemetrySnapshot", "ToolMissingError", "TransportError",
+    "HostBasics", "HostKeyError", "InvalidQueryError", "Inventory", "Job", "JobError", "JobRecord", "JobResult",
+    "JobSpec", "NoGpusError", "ParseError", "Registration", "SandboxError", "StoreError", "TelemetrySnapshot", "ToolMissingError", "TransportError",
     "UnknownAgentError", "UnreachableError", "__version__", "load_config", "parse_gpu_output", "register_ssh",
 ]

@@ -128,6 +128,7 @@ class ControllerSettings(BaseModel):
     offline_after_misses: int = Field(default=3, ge=1)
     offline_grace_s: float = Field(default=600.0, gt=0)
     scheduler_tick_s: float = Field(default=1.0, gt=0, le=60)
+    kill_grace_s: int = Field(default=10, ge=0, le=3600)  # SIGTERM -> SIGKILL on cancel and timeout
 
 
 class Inventory:

@@ -221,6 +221,12 @@ class Fleet:
         states = [state] if isinstance(state, str) else state
         return jobs_frame(JobQueue(self.store).list(states))  # type: ignore[arg-type]
 
+    def store_events(self, job_id: str) -> list[tuple[float, str, str | None]]:
+        """A job's history: (epoch seconds, event, detail), oldest first."""
+        from fleetctl.jobs.queue import JobQueue
+
+        return JobQueue(self.store).events(job_id)
+
     def drain(self, agent: str, draining: bool = True) -> None:
         """Running jobs finish; no new ones are placed on ``agent`` until ``drain(agent, False)``."""
         set_draining(self.store, self.inventory.get(agent).name, draining)

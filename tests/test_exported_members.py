@@ -5,8 +5,8 @@ def test_public_api_is_pinned() -> None:
     assert sorted(fleetctl.__all__) == sorted([
         "Agent", "AuthError", "Bastion", "CommandFailed", "CommandResult", "CommandTimeout", "ConfigError",
         "ConnectTimeout", "ConnectionLost", "DriverError", "Fleet", "FleetError", "GpuSample", "HeartbeatRound",
-        "HostBasics", "HostKeyError", "InvalidQueryError", "Inventory", "JobError", "NoGpusError", "ParseError",
-        "Registration", "SandboxError", "TelemetrySnapshot", "ToolMissingError", "TransportError",
+        "HostBasics", "HostKeyError", "InvalidQueryError", "Inventory", "Job", "JobError", "JobRecord", "JobResult",
+        "JobSpec", "NoGpusError", "ParseError", "Registration", "SandboxError", "StoreError", "TelemetrySnapshot", "ToolMissingError", "TransportError",
         "UnknownAgentError", "UnreachableError", "__version__", "load_config", "parse_gpu_output", "register_ssh",
     ])
     for name in fleetctl.__all__:

@@ -16,6 +16,10 @@ from fleetctl.registration import register_ssh
 from fleetctl.sandbox import Sandbox, default_hosts, sandbox_dir
 
 EXIT_SOME_FAILED = 3
+# What the demo job does: read its inputs from job.json, write a JSON result.
+DEMO_JOB = ('python3 -c \'import json, os; job = json.load(open(os.environ["FLEETCTL_JOB_FILE"])); '
+            'json.dump({"greeting": job["payload"]["greeting"], "visible": os.environ.get("CUDA_VISIBLE_DEVICES") '
+            'or os.environ.get("HIP_VISIBLE_DEVICES")}, open(os.environ["FLEETCTL_OUTPUT_FILE"], "w"))\'')
 
 
 @click.command("heartbeat")
@@ -96,8 +100,14 @@ def demo_command(hosts: int) -> None:
             with Fleet(load_config(config), state_dir=state) as fleet:
                 fleet.heartbeat()  # first round opens the connections
                 result = fleet.heartbeat()
-            out.print(fleet_table(result))
-            out.print(f"steady-state round over {len(result)} hosts: {result.duration_s * 1000:.0f} ms")
+                out.print(fleet_table(result))
+                out.print(f"steady-state round over {len(result)} hosts: {result.duration_s * 1000:.0f} ms")
+                job = fleet.submit(["sh", "-c", DEMO_JOB], gpus=2, payload={"greeting": "hello"})
+                out.print(f"submitted job {job.id}: 2 GPUs, runs detached on the host, result pulled back")
+                record = job.wait(timeout=60)
+                output = record.result.output if record.result else None
+                out.print(f"job {record.id} {record.state} on {record.agent} (GPUs {','.join(record.gpus)}): "
+                          f"output {output}", markup=False)
         finally:
             sandbox.down()
             out.print("sandbox stopped")

@@ -135,12 +135,12 @@ def show_job(job_id: str, as_json: bool) -> None:
 
 @jobs_group.command("logs")
 @click.argument("job_id")
-@click.option("--stderr", "stream", flag_value="stderr", default=False, help="stderr instead of stdout.")
+@click.option("--stderr", "use_stderr", is_flag=True, help="stderr instead of stdout.")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing while the job runs (read over SSH).")
 @common_options
-def job_logs(job_id: str, stream: str | bool, follow: bool) -> None:
+def job_logs(job_id: str, use_stderr: bool, follow: bool) -> None:
     """The job's stdout (or stderr): collected copy once ended, the remote file while it runs."""
-    name = stream if isinstance(stream, str) else "stdout"
+    name = "stderr" if use_stderr else "stdout"
     with _fleet() as fleet:
         job = fleet.job(job_id)
         printed = 0

@@ -24,13 +24,20 @@ from dataclasses import dataclass
 from fleetctl.jobs.model import JobSpec
 
 SCAN_MARK = "\x1efleetctl-job"
-DIR_PATTERN = re.compile(r"/fleetctl-job-(j[0-9a-f]+)-a(\d+)\.[A-Za-z0-9]+/?$")
+# The agent's name is part of it: hosts that share a /tmp (agents on one machine) must not act
+# on each other's jobs.
+DIR_PATTERN = re.compile(r"/fleetctl-job-(j[0-9a-f]+)-a(\d+)-([A-Za-z0-9._-]+)\.[A-Za-z0-9]{8}/?$")
 KILL_GRACE_S = 10
 
 
-def make_dir_command(job_id: str, attempt: int) -> str:
-    template = f"fleetctl-job-{job_id}-a{attempt}.XXXXXXXX"
-    assert re.fullmatch(r"[a-z0-9.X-]+", template)  # nothing in it needs quoting
+def dir_prefix(job_id: str, attempt: int, agent: str) -> str:
+    prefix = f"fleetctl-job-{job_id}-a{attempt}-{agent}"
+    assert re.fullmatch(r"[A-Za-z0-9._-]+", prefix)  # nothing in it needs quoting
+    return prefix
+
+
+def make_dir_command(job_id: str, attempt: int, agent: str) -> str:
+    template = dir_prefix(job_id, attempt, agent) + ".XXXXXXXX"
     script = 'umask 077; d=$(mktemp -d "${TMPDIR:-/tmp}/TEMPLATE") && printf %s "$d"'.replace("TEMPLATE", template)
     return "sh -c " + shlex.quote(script)
 
@@ -138,6 +145,7 @@ class RemoteJobDir:
     state: str  # new, starting, running, done, vanished
     job_id: str
     attempt: int
+    agent: str
 
 
 def parse_scan_line(line: str) -> RemoteJobDir | None:
@@ -148,4 +156,4 @@ def parse_scan_line(line: str) -> RemoteJobDir | None:
     match = DIR_PATTERN.search(path)
     if not match or state not in ("new", "starting", "running", "done", "vanished"):
         return None
-    return RemoteJobDir(path, state, match.group(1), int(match.group(2)))
+    return RemoteJobDir(path, state, match.group(1), int(match.group(2)), match.group(3))

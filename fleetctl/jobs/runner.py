@@ -26,6 +26,7 @@ from fleetctl.jobs.queue import JobQueue
 from fleetctl.jobs.remote import (
     LAUNCH_ALREADY_STARTED,
     cancel_command,
+    dir_prefix,
     gpu_environment,
     launch_command,
     make_dir_command,
@@ -100,8 +101,8 @@ class JobRunner:
             if snap is None or snap.status not in EXEC_RAN:
                 continue
             for path, state in snap.job_dirs.items():
-                found = parse_scan_line(f"x {state} {path}")
-                if found is None:
+                found = parse_scan_line(f"{state} {path}")
+                if found is None or found.agent != name:
                     continue
                 try:
                     job = self.queue.get(found.job_id)
@@ -220,7 +221,8 @@ class JobRunner:
         if agent is None or job.remote_dir is None:
             return False
         try:
-            result = self.fleet.connection(agent).run(cancel_command(job.remote_dir, force), timeout=agent.command_timeout_s)
+            command = cancel_command(job.remote_dir, force, self.fleet.settings.kill_grace_s)
+            result = self.fleet.connection(agent).run(command, timeout=agent.command_timeout_s)
         except TransportError as exc:
             log.warning("job %s: cancel not delivered yet: %s", job.id, one_line(str(exc)))
             return False
@@ -282,7 +284,7 @@ class JobRunner:
         assert agent is not None
         try:
             conn = self.fleet.connection(agent)
-            made = conn.run(make_dir_command(job.id, job.attempt), timeout=agent.command_timeout_s)
+            made = conn.run(make_dir_command(job.id, job.attempt, agent.name), timeout=agent.command_timeout_s)
             remote_dir = made.stdout.strip()
             if not made.ok or not remote_dir.startswith("/"):
                 raise TransportError(f"mktemp -d failed on {agent.name}: {one_line(made.stderr) or made.exit_code}")
@@ -300,7 +302,8 @@ class JobRunner:
         document = {"id": job.id, "name": job.spec.name, "command": job.spec.command, "env": job.spec.env,
                     "payload": job.spec.payload, "gpus": ids, "timeout_s": job.spec.timeout_s, "attempt": job.attempt}
         conn.write_bytes(f"{remote_dir}/job.json", json.dumps(document, indent=1).encode())
-        conn.write_bytes(f"{remote_dir}/run.sh", wrapper_script(job.id, remote_dir, job.spec, gpu_env).encode())
+        conn.write_bytes(f"{remote_dir}/run.sh", wrapper_script(job.id, remote_dir, job.spec, gpu_env,
+                                                                    self.fleet.settings.kill_grace_s).encode())
         _failpoint("after-upload")
         launched = conn.run(launch_command(remote_dir), timeout=agent.command_timeout_s)
         _failpoint("after-launch")
@@ -329,7 +332,7 @@ class JobRunner:
 
     def _reconcile_one(self, job: JobRecord, agent: Agent) -> None:
         conn = self.fleet.connection(agent)
-        pattern = f'"${{TMPDIR:-/tmp}}"/fleetctl-job-{job.id}-a{job.attempt}.*'
+        pattern = f'"${{TMPDIR:-/tmp}}"/{dir_prefix(job.id, job.attempt, agent.name)}.*'
         probe = (f"for d in {pattern}; do [ -d \"$d\" ] || continue; s=partial; "
                  '[ -f "$d/job.json" ] && [ -f "$d/run.sh" ] && s=ready; [ -d "$d/started" ] && s=started; '
                  'printf "%s %s\\n" "$s" "$d"; done')

@@ -220,6 +220,11 @@ class Sandbox:
             sshd.stop(pid)
             self._save_state()
 
+    def restart_host(self, name: str) -> None:
+        """Start a stopped host's sshd again on the same address, as if the machine came back."""
+        host = next(h for h in self.hosts if h.name == name)
+        self._start(name, host.zone, self.endpoints[name], forwarding=False, tool_dirs=[self.host_dir(name) / "bin"])
+
     def down(self) -> None:
         for pid in self.pids.values():
             sshd.stop(pid)

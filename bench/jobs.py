@@ -1,0 +1,102 @@
+"""Jobs through the queue against sandbox hosts: dispatch-to-start latency and jobs per second,
+against the reference design (one OpenSSH ``ssh`` command per step) measured in the same run.
+
+    .venv/bin/python bench/jobs.py [--hosts 8] [--jobs 200]
+
+fleetctl: submit N jobs, then drive the queue (heartbeat + runner tick) until all are collected.
+Latency is from the moment a job is marked ``dispatching`` to the moment its command starts on
+the host (the command prints its own start time). Baseline per job: ``ssh mktemp -d``,
+``ssh 'cat > job.json'``, ``ssh 'cat > run.sh'``, ``ssh launch``, ``ssh cat result.json``, ``ssh rm -rf``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchfleet import BenchFleet  # noqa: E402
+
+from fleetctl.fleet import Fleet  # noqa: E402
+from fleetctl.jobs.api import drive_once  # noqa: E402
+from fleetctl.jobs.queue import JobQueue  # noqa: E402
+
+
+def measure_fleetctl(bench: BenchFleet, count: int) -> dict[str, float]:
+    fleet = Fleet(bench.inventory(), state_dir=bench.directory / "state")
+    try:
+        fleet.heartbeat()
+        fleet.heartbeat()  # twice: agents are online and connections open before timing
+        jobs = [fleet.submit(["date", "+%s.%N"]) for _ in range(count)]
+        started = time.monotonic()
+        queue = JobQueue(fleet.store)
+        while any(not r.done for r in queue.list(("queued", "dispatching", "running"))) or \
+                len(queue.list(("succeeded",))) < count:
+            drive_once(fleet)
+        wall = time.monotonic() - started
+        latencies = []
+        for job in jobs:
+            record = job.record
+            assert record.state == "succeeded", record.reason
+            began = float(Path(record.result.stdout_path or "").read_text().strip())  # type: ignore[union-attr]
+            latencies.append((began - record.dispatched.timestamp()) * 1000)  # type: ignore[union-attr]
+        return {"jobs_per_s": count / wall, "latency_ms": statistics.median(latencies),
+                "latency_p95_ms": sorted(latencies)[int(len(latencies) * 0.95) - 1]}
+    finally:
+        fleet.close()
+
+
+def measure_ssh_baseline(bench: BenchFleet, count: int) -> dict[str, float]:
+    _, port, _ = bench.hosts[0]
+
+    def ssh(remote: str, data: bytes | None = None) -> str:
+        return subprocess.run(bench.ssh_command(port, remote), input=data, capture_output=True, check=True,
+                              timeout=60).stdout.decode().strip()
+    latencies = []
+    started = time.monotonic()
+    for number in range(count):
+        dispatched = time.time()
+        directory = ssh("mktemp -d /tmp/fleetctl-bench-baseline.XXXXXXXX")
+        ssh(f"cat > {directory}/job.json", b'{"id": "%d"}' % number)
+        ssh(f"cat > {directory}/run.sh", f"date +%s.%N > {directory}/start; echo 0 > {directory}/result.json".encode())
+        ssh(f"setsid sh {directory}/run.sh </dev/null >/dev/null 2>&1 &")
+        while True:
+            if ssh(f"cat {directory}/result.json 2>/dev/null || true"):
+                break
+        latencies.append((float(ssh(f"cat {directory}/start")) - dispatched) * 1000)
+        ssh(f"rm -rf {directory}")
+    wall = time.monotonic() - started
+    return {"jobs_per_s": count / wall, "latency_ms": statistics.median(latencies),
+            "latency_p95_ms": sorted(latencies)[max(0, int(len(latencies) * 0.95) - 1)]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hosts", type=int, default=8)
+    parser.add_argument("--jobs", type=int, default=200)
+    parser.add_argument("--baseline-jobs", type=int, default=20)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="fleetctl-bench-jobs-") as scratch:
+        bench = BenchFleet(Path(scratch), args.hosts, ports_per_sshd=4).up()
+        try:
+            base = measure_ssh_baseline(bench, args.baseline_jobs)
+            ours = measure_fleetctl(bench, args.jobs)
+        finally:
+            bench.down()
+    print(f"{args.hosts} hosts; fleetctl {args.jobs} jobs, baseline {args.baseline_jobs} jobs (sequential ssh steps)")
+    print(f"{'':34}{'fleetctl':>12}{'ssh per step':>14}{'ratio':>9}")
+    print(f"{'dispatch-to-start, median (ms)':34}{ours['latency_ms']:12.1f}{base['latency_ms']:14.1f}"
+          f"{base['latency_ms'] / ours['latency_ms']:8.1f}x")
+    print(f"{'dispatch-to-start, p95 (ms)':34}{ours['latency_p95_ms']:12.1f}{base['latency_p95_ms']:14.1f}")
+    print(f"{'jobs per second through the queue':34}{ours['jobs_per_s']:12.1f}{base['jobs_per_s']:14.1f}"
+          f"{ours['jobs_per_s'] / base['jobs_per_s']:8.1f}x")
+
+
+if __name__ == "__main__":
+    main()
