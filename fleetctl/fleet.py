@@ -89,6 +89,7 @@ class Fleet:
         self._routes: dict[str, Route] = {}
         self._executor: ThreadPoolExecutor | None = None
         self._closing = False
+        self._connect_locks: dict[str, threading.Lock] = {}
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str] | None = None, **kwargs: object) -> Fleet:
@@ -104,17 +105,19 @@ class Fleet:
         return self._routes[agent.name]
 
     def connection(self, agent: Agent) -> Connection:
-        """The open connection to ``agent``, opened (again) if there is none or it died."""
+        """The open connection to ``agent``, opened (again) if there is none or it died. Safe
+        from several threads (serve's heartbeat and job tick share connections)."""
         if self._closing:
             raise ConnectionLost(f"not connecting to {agent.name}: the fleet is closing")
-        current = self._connections.get(agent.name)
-        if current is not None and current.is_open:
-            return current
-        if current is not None:
-            current.close()
-        fresh = self._connect(self._route(agent))
-        self._connections[agent.name] = fresh
-        return fresh
+        with self._connect_locks.setdefault(agent.name, threading.Lock()):
+            current = self._connections.get(agent.name)
+            if current is not None and current.is_open:
+                return current
+            if current is not None:
+                current.close()
+            fresh = self._connect(self._route(agent))
+            self._connections[agent.name] = fresh
+            return fresh
 
     def drop(self, name: str) -> None:
         conn = self._connections.pop(name, None)

@@ -170,3 +170,21 @@ def test_a_hundred_mib_of_logs_comes_back_as_the_last_ten(two_hosts: Sandbox, tm
         stdout = Path(record.result.stdout_path or "")
         assert stdout.stat().st_size == 10 * 1024 * 1024 and stdout.read_bytes().endswith(b"tail-marker\n")
         assert record.remote_dir and not Path(record.remote_dir).exists()
+
+
+def test_serve_drives_the_queue_while_the_cli_submits_and_waits(two_hosts: Sandbox, tmp_path: Path) -> None:
+    config = tmp_path / "agents.toml"
+    config.write_text(CONTROLLER.replace("[controller]\n", "[controller]\nheartbeat_interval_s = 0.5\n")
+                      + two_hosts.inventory_path.read_text())
+    state = str(tmp_path / "state")
+    serve = subprocess.Popen([sys.executable, "-m", "fleetctl", "serve", "--config", str(config), "--state-dir", state],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        second = run_cli("serve", "--config", str(config), "--state-dir", state, timeout=10)
+        assert second.returncode == 1 and "another fleetctl is driving" in second.stderr
+        done = run_cli("submit", "--gpus", "1", "--wait", "--config", str(config), "--state-dir", state, "--", "echo", "ok")
+        assert done.returncode == 0, done.stderr
+    finally:
+        serve.terminate()
+        _, stderr = serve.communicate(timeout=30)
+    assert serve.returncode == 0 and "Traceback" not in stderr
