@@ -42,9 +42,9 @@ def serve_command(no_jobs: bool) -> None:
     logging.getLogger("paramiko").setLevel(logging.WARNING)  # one "Connected" line per reconnect is noise
     s = settings()
     fleet = Fleet(load_config(s.config_path), state_dir=s.state_path)
-    with controller_lock(fleet.state_dir, wait=False) as mine:
+    with controller_lock(fleet.state_dir, wait_s=30.0) as mine:
         if not mine:
-            raise FleetError(f"another fleetctl is driving {fleet.state_dir} (a serve, or a `jobs wait`)",
+            raise FleetError(f"another fleetctl serve is driving {fleet.state_dir}",
                              hint="stop it first, or use another --state-dir")
         tick = None
         if not no_jobs:

@@ -28,15 +28,22 @@ LOCK_NAME = "controller.lock"
 
 
 @contextlib.contextmanager
-def controller_lock(state_dir: Path, *, wait: bool) -> Iterator[bool]:
-    """Yields True if this process now drives the queue (the lock is free), else False."""
+def controller_lock(state_dir: Path, *, wait_s: float = 0.0) -> Iterator[bool]:
+    """Yields True if this process now drives the queue, False if another still held the lock
+    after ``wait_s`` seconds (a ``jobs wait`` holds it for one short cycle at a time; a ``serve``
+    holds it for its lifetime)."""
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    deadline = time.monotonic() + wait_s
     with open(state_dir / LOCK_NAME, "a") as handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
+        while True:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    yield False
+                    return
+                time.sleep(0.1)
         try:
             yield True
         finally:
@@ -47,7 +54,7 @@ def drive_once(fleet: Fleet) -> bool:
     """One heartbeat round and one runner tick, if no other process is driving. True if it drove."""
     from fleetctl.jobs.runner import JobRunner
 
-    with controller_lock(fleet.state_dir, wait=False) as mine:
+    with controller_lock(fleet.state_dir) as mine:
         if not mine:
             return False
         runner = JobRunner(fleet)

