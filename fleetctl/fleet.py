@@ -9,11 +9,12 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fleetctl.config import Agent, Inventory, load_config
+from fleetctl.durations import utc
 from fleetctl.errors import ConnectionLost, FleetError
 from fleetctl.frames import to_dataframe
 from fleetctl.health import Health, HealthPolicy
@@ -197,7 +198,7 @@ class Fleet:
             status = known.get(agent.name)
             health = status.health if status else Health()
             rows.append({"agent": agent.name, "health": health.state, "misses": health.misses,
-                         "last_ok": _utc(health.last_ok), "last_seen": _utc(health.last_seen),
+                         "last_ok": utc(health.last_ok), "last_seen": utc(health.last_seen),
                          "draining": bool(status and status.draining),
                          "status": status.snapshot.status if status and status.snapshot else None})
         return pd.DataFrame(rows, columns=["agent", "health", "misses", "last_ok", "last_seen", "draining", "status"])
@@ -254,7 +255,3 @@ class Fleet:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _utc(epoch: float | None) -> datetime | None:
-    return None if epoch is None else datetime.fromtimestamp(epoch, timezone.utc)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Optional
 
+from fleetctl.durations import seconds_of
 from fleetctl.errors import ConfigError
 from fleetctl.frames import COLUMNS, snapshot_rows, typed_frame
 from fleetctl.health import Health, HealthPolicy, advance
@@ -19,8 +19,6 @@ if TYPE_CHECKING:
     import pandas as pd
 
 _INSERT = f"INSERT INTO telemetry (ts, {', '.join(COLUMNS)}) VALUES ({', '.join('?' * (len(COLUMNS) + 1))})"
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
-_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 @dataclass(frozen=True)
@@ -81,9 +79,9 @@ def prune(store: Store, retention_days: float, now: float | None = None) -> int:
 def parse_since(text: str, now: datetime | None = None) -> datetime:
     """``90s``, ``15m``, ``1h``, ``2d``, ``1w`` ago, or an ISO time (UTC unless it says otherwise)."""
     now = now or datetime.now(timezone.utc)
-    match = _DURATION.match(text)
-    if match:
-        return now - timedelta(seconds=float(match.group(1)) * _UNIT_S[match.group(2)])
+    ago = seconds_of(text, unit_required=True)
+    if ago is not None:
+        return now - timedelta(seconds=ago)
     try:
         moment = datetime.fromisoformat(text.strip())
     except ValueError:

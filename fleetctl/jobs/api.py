@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
+
 from fleetctl.errors import JobError
 from fleetctl.jobs.model import JobRecord, JobResult, JobSpec, JobState
 from fleetctl.jobs.queue import JobQueue
@@ -123,7 +125,12 @@ def submit(fleet: Fleet, command: list[str] | str, **options: Any) -> Job:
     argv = ["sh", "-c", command] if isinstance(command, str) else list(command)
     if options.get("agent"):
         fleet.inventory.get(options["agent"])  # an unknown name fails now, with a did-you-mean
-    spec = JobSpec(command=argv, **options)
+    try:
+        spec = JobSpec(command=argv, **options)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = ".".join(str(p) for p in error["loc"]) or "job"
+        raise JobError(f"job {field}: {str(error['msg']).removeprefix('Value error, ')}") from None
     return Job(fleet, JobQueue(fleet.store).submit(spec).id)
 
 

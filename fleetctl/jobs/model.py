@@ -3,29 +3,28 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from fleetctl.durations import seconds_of
 from fleetctl.errors import ConfigError
 
 JobState = Literal["queued", "dispatching", "running", "succeeded", "failed", "cancelled", "timed_out", "lost"]
 FINAL_STATES: tuple[JobState, ...] = ("succeeded", "failed", "cancelled", "timed_out", "lost")
 ACTIVE_STATES: tuple[JobState, ...] = ("dispatching", "running")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
-_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 
 
 def parse_duration(text: str | float | int, what: str = "--timeout") -> float:
     """``90``, ``90s``, ``15m``, ``2h``, ``1d`` -> seconds."""
     if isinstance(text, (int, float)):
         return float(text)
-    match = _DURATION.match(text)
-    if not match or float(match.group(1)) <= 0:
+    seconds = seconds_of(text)
+    if not seconds:
         raise ConfigError(f"{what} {text!r} is not a duration", hint="write e.g. 90s, 15m or 2h")
-    return float(match.group(1)) * _UNIT_S[match.group(2)]
+    return seconds
 
 
 class JobSpec(BaseModel):
@@ -101,7 +100,3 @@ class JobRecord(BaseModel):
     @property
     def done(self) -> bool:
         return self.state in FINAL_STATES
-
-
-def utc(epoch: object) -> datetime | None:
-    return datetime.fromtimestamp(epoch, timezone.utc) if isinstance(epoch, (int, float)) else None

@@ -11,8 +11,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from fleetctl.durations import utc
 from fleetctl.errors import JobError
-from fleetctl.jobs.model import JobRecord, JobResult, JobSpec, JobState, utc
+from fleetctl.jobs.model import JobRecord, JobResult, JobSpec, JobState
 from fleetctl.store import Store
 
 _COLUMNS = ("id", "name", "state", "priority", "spec", "agent", "gpus", "remote_dir", "attempt", "submitted",

@@ -16,11 +16,12 @@ import time
 from pathlib import Path
 
 from fleetctl.config import Agent
+from fleetctl.durations import utc
 from fleetctl.errors import FleetError, TransportError
 from fleetctl.fleet import Fleet
 from fleetctl.heartbeat import one_line
 from fleetctl.history import AgentStatus, agent_statuses
-from fleetctl.jobs.model import ACTIVE_STATES, FINAL_STATES, JobRecord, JobResult, JobState, utc
+from fleetctl.jobs.model import ACTIVE_STATES, FINAL_STATES, JobRecord, JobResult, JobState
 from fleetctl.jobs.placement import Candidate, never_satisfiable, place
 from fleetctl.jobs.queue import JobQueue
 from fleetctl.jobs.remote import (
@@ -34,6 +35,7 @@ from fleetctl.jobs.remote import (
     remove_command,
     wrapper_script,
 )
+from fleetctl.telemetry import GpuSample
 from fleetctl.transport import Connection
 
 log = logging.getLogger("fleetctl.jobs")
@@ -272,12 +274,13 @@ class JobRunner:
                                      state="dispatching", agent=placement.agent, gpus=gpu_ids, attempt=job.attempt + 1,
                                      dispatched=time.time(), reason=None):
                 continue
+            # Snapshots do not change within a tick; GPUs this dispatch took are held in the queue,
+            # which the next _candidates() reads.
             if self.dispatch(self.queue.get(job.id), placement.gpus):
                 dispatched.append(job.id)
-            statuses = agent_statuses(self.fleet.store)
         return dispatched
 
-    def dispatch(self, job: JobRecord, gpus: list) -> bool:  # type: ignore[type-arg]
+    def dispatch(self, job: JobRecord, gpus: list[GpuSample]) -> bool:
         """mktemp -d, upload job.json and run.sh over SFTP, launch detached. Back to the queue
         (not started anywhere) if the host cannot be reached before the launch."""
         agent = self._agent(job.agent)
@@ -295,7 +298,7 @@ class JobRunner:
                               agent=None, gpus=[], remote_dir=None, reason=f"dispatch to {agent.name} failed: {one_line(str(exc))}")
             return False
 
-    def _upload_and_launch(self, conn: Connection, agent: Agent, job: JobRecord, remote_dir: str, gpus: list) -> bool:  # type: ignore[type-arg]
+    def _upload_and_launch(self, conn: Connection, agent: Agent, job: JobRecord, remote_dir: str, gpus: list[GpuSample]) -> bool:
         vendor = gpus[0].vendor if gpus else "nvidia"
         ids = [g.uuid if vendor == "nvidia" and g.uuid else str(g.index) for g in gpus]
         gpu_env = gpu_environment(vendor, ids) if gpus else {}

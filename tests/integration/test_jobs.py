@@ -194,3 +194,17 @@ def test_serve_drives_the_queue_while_the_cli_submits_and_waits(two_hosts: Sandb
         serve.terminate()
         _, stderr = serve.communicate(timeout=30)
     assert serve.returncode == 0 and "Traceback" not in stderr
+
+
+def test_submit_mistakes_are_one_line_errors_and_queue_nothing(two_hosts: Sandbox, tmp_path: Path) -> None:
+    config, state = str(_config(two_hosts, tmp_path)), str(tmp_path / "state")
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("{not json")
+    cases = [(["--payload", str(bad_json)], "not valid JSON"), (["--timeout", "soon"], "--timeout 'soon' is not a duration"),
+             (["--agent", "onw"], "did you mean 'one'?"), (["--env", "1BAD=x"], "not a valid environment variable name")]
+    for args, expected in cases:
+        result = run_cli("submit", *args, "--config", config, "--state-dir", state, "--", "true")
+        assert result.returncode == 1 and expected in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    listed = run_cli("jobs", "list", "--json", "--config", config, "--state-dir", state)
+    assert json.loads(listed.stdout or "[]") == []
