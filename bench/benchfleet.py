@@ -16,9 +16,9 @@ from pathlib import Path
 
 from fleetctl.config import Agent, Inventory
 from fleetctl.gpu_tools import DEFAULT_QUERIES
-from fleetctl.known_hosts import fingerprint
 from fleetctl.sandbox import sshd
 from fleetctl.sandbox.sandbox import _free_port
+from fleetctl.ssh.known_hosts import fingerprint
 
 MAX_PORTS_PER_SSHD = 16
 

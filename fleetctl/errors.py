@@ -13,7 +13,8 @@
     ├── CommandFailed          the host ran the command and it failed (carries the result)
     ├── ParseError             tool output that could not be understood (carries the raw text)
     │   ├── ToolMissingError   the GPU tool is not installed (exit 127)
-    │   └── DriverError        the tool ran but reports a driver/device failure
+    │   ├── DriverError        the tool ran but reports a driver/device failure
+    │   └── OutputTooLarge     the host sent more than the command's output limit
     ├── SandboxError           the local sandbox fleet could not be started or stopped
     ├── StoreError             the embedded SQLite store could not be opened or read
     └── JobError               a queued job could not be placed, run or collected
@@ -120,6 +121,16 @@ class ToolMissingError(ParseError):
 
 class DriverError(ParseError):
     """The GPU tool ran but reports that the driver or device is not usable."""
+
+
+class OutputTooLarge(ParseError):
+    """The host sent more output than the limit for this command; reading stopped there.
+
+    ``result`` holds what was read up to the limit (exit code -1: the command was cut off)."""
+
+    def __init__(self, message: str, result: CommandResult, *, hint: str | None = None) -> None:
+        self.result = result
+        super().__init__(message, "", hint=hint)
 
 
 class SandboxError(FleetError):

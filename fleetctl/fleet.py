@@ -21,10 +21,10 @@ from fleetctl.health import Health, HealthPolicy
 from fleetctl.heartbeat import failed_snapshot, heartbeat_command, snapshot_from_result
 from fleetctl.history import Transition, agent_statuses, history, prune, set_draining
 from fleetctl.history import record as record_history
-from fleetctl.known_hosts import KnownHosts
 from fleetctl.paths import state_dir as resolve_state_dir
 from fleetctl.routes import route_for
 from fleetctl.ssh import ConnectOptions, HostKeyPolicy, connect
+from fleetctl.ssh.known_hosts import KnownHosts
 from fleetctl.store import Store
 from fleetctl.telemetry import TelemetrySnapshot
 from fleetctl.transport import Connection, Connector, Route

@@ -28,6 +28,7 @@ from fleetctl.gpu_tools import DEFAULT_QUERIES
 from fleetctl.jobs.remote import SCAN_MARK, SCAN_SCRIPT, parse_scan_line
 from fleetctl.parsers import NoGpusError, parse_gpu_output
 from fleetctl.telemetry import HostBasics, Status, TelemetrySnapshot
+from fleetctl.text import one_line
 from fleetctl.transport import CommandResult
 
 MARK = "\x1efleetctl"  # ASCII record separator: never in tool output
@@ -134,8 +135,3 @@ def failed_snapshot(agent: Agent, exc: FleetError, started: float) -> TelemetryS
     return TelemetrySnapshot(agent=agent.name, hostname=agent.hostname or "", timestamp=datetime.now(timezone.utc),
                              status=_status_of(exc), error=one_line(str(exc)),
                              latency_ms=(time.monotonic() - started) * 1000)
-
-
-def one_line(text: str, limit: int = 300) -> str:
-    line = " ".join(text.split())
-    return line if len(line) <= limit else line[: limit - 3] + "..."

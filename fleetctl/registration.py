@@ -15,10 +15,10 @@ from fleetctl.addresses import Address, parse_address
 from fleetctl.config import Agent, Bastion, edit_inventory, load_config
 from fleetctl.errors import ConfigError
 from fleetctl.gpu_tools import DETECT_COMMAND, default_query, parse_detection
-from fleetctl.known_hosts import KnownHosts
 from fleetctl.paths import config_path, state_dir
 from fleetctl.routes import route_for
 from fleetctl.ssh import ConnectOptions, HostKeyPolicy, connect
+from fleetctl.ssh.known_hosts import KnownHosts
 
 
 @dataclass

@@ -13,6 +13,10 @@ from typing import Protocol
 from fleetctl.addresses import format_address
 from fleetctl.errors import CommandFailed
 
+# Every read from a host is bounded: a tool that prints forever must not take the controller's memory.
+MAX_STDOUT = 16 * 1024 * 1024
+MAX_STDERR = 1024 * 1024
+
 
 @dataclass(frozen=True)
 class Hop:
@@ -87,7 +91,11 @@ class Connection(Protocol):
     @property
     def is_open(self) -> bool: ...
 
-    def run(self, command: str, *, timeout: float | None = None) -> CommandResult: ...
+    def run(self, command: str, *, timeout: float | None = None, max_stdout: int | None = None,
+            max_stderr: int | None = None) -> CommandResult:
+        """Exit code and output; raises :class:`~fleetctl.errors.OutputTooLarge` past the limits
+        (``None``: :data:`MAX_STDOUT` / :data:`MAX_STDERR`), a ``TransportError`` if nothing ran."""
+        ...
 
     def write_bytes(self, remote_path: str, data: bytes) -> None: ...
 

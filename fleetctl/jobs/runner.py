@@ -19,7 +19,6 @@ from fleetctl.config import Agent
 from fleetctl.durations import utc
 from fleetctl.errors import FleetError, TransportError
 from fleetctl.fleet import Fleet
-from fleetctl.heartbeat import one_line
 from fleetctl.history import AgentStatus, agent_statuses
 from fleetctl.jobs.model import ACTIVE_STATES, FINAL_STATES, JobRecord, JobResult, JobState
 from fleetctl.jobs.placement import Candidate, never_satisfiable, place
@@ -36,6 +35,7 @@ from fleetctl.jobs.remote import (
     wrapper_script,
 )
 from fleetctl.telemetry import GpuSample
+from fleetctl.text import one_line
 from fleetctl.transport import Connection
 
 log = logging.getLogger("fleetctl.jobs")

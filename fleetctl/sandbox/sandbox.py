@@ -15,8 +15,8 @@ from typing import Any
 from fleetctl.config import Agent, Bastion, Inventory, write_atomically
 from fleetctl.errors import SandboxError
 from fleetctl.gpu_tools import DEFAULT_QUERIES
-from fleetctl.known_hosts import fingerprint
 from fleetctl.sandbox import netns, sshd
+from fleetctl.ssh.known_hosts import fingerprint
 
 STATE_FILE = "sandbox.json"
 MODES = ("ok", "driver_error", "no_gpus", "no_tool", "mig", "refused", "blackhole")

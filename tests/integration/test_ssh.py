@@ -18,10 +18,10 @@ from fleetctl.errors import (
     HostKeyError,
     UnreachableError,
 )
-from fleetctl.known_hosts import KnownHosts
 from fleetctl.routes import route_for
 from fleetctl.sandbox import Sandbox
 from fleetctl.ssh import ConnectOptions, HostKeyPolicy, connect
+from fleetctl.ssh.known_hosts import KnownHosts
 from fleetctl.transport import Hop, Route
 from tests.conftest import needs_netns
 

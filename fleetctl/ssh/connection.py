@@ -22,11 +22,12 @@ from fleetctl.errors import (
     ConnectionLost,
     ConnectTimeout,
     HostKeyError,
+    OutputTooLarge,
     TransportError,
     UnreachableError,
 )
-from fleetctl.known_hosts import KnownHosts, KnownKey, fingerprint, host_id
-from fleetctl.transport import CommandResult, Hop, HostKeySeen, Route
+from fleetctl.ssh.known_hosts import KnownHosts, KnownKey, fingerprint, host_id
+from fleetctl.transport import MAX_STDERR, MAX_STDOUT, CommandResult, Hop, HostKeySeen, Route
 
 DEFAULT_IDENTITIES = ("id_ed25519", "id_ecdsa", "id_rsa")
 _READ_CHUNK = 1 << 16
@@ -265,8 +266,12 @@ class SSHConnection:
         return ConnectionLost(f"connection to {self.route.target.address} lost while {doing}",
                               hop=self.route.target.address, hint="the host or network went away; retry")
 
-    def run(self, command: str, *, timeout: float | None = None) -> CommandResult:
-        """Run ``command`` through the login shell; exit code and output, never raises on non-zero."""
+    def run(self, command: str, *, timeout: float | None = None, max_stdout: int | None = None,
+            max_stderr: int | None = None) -> CommandResult:
+        """Run ``command`` through the login shell; exit code and output, never raises on non-zero.
+        Past ``max_stdout``/``max_stderr`` bytes the channel is closed and OutputTooLarge raised."""
+        stdout_cap = MAX_STDOUT if max_stdout is None else max_stdout
+        stderr_cap = MAX_STDERR if max_stderr is None else max_stderr
         started = time.monotonic()
         deadline = started + (timeout if timeout is not None else 3600.0)
         target = self._transports[-1] if self._transports else None
@@ -289,6 +294,8 @@ class SSHConnection:
                     stdout += channel.recv(_READ_CHUNK)
                 while channel.recv_stderr_ready():
                     stderr += channel.recv_stderr(_READ_CHUNK)
+                if len(stdout) > stdout_cap or len(stderr) > stderr_cap:
+                    raise self._too_large(command, stdout, stderr, stdout_cap, stderr_cap, started)
                 if channel.eof_received and not channel.recv_ready() and not channel.recv_stderr_ready():
                     break
                 if channel.closed or not target.is_active():
@@ -314,6 +321,14 @@ class SSHConnection:
             raise self._lost(f"running `{_short(command)}`")
         return CommandResult(command, exit_code, stdout.decode("utf-8", "replace"),
                              stderr.decode("utf-8", "replace"), time.monotonic() - started)
+
+    def _too_large(self, command: str, stdout: bytearray, stderr: bytearray, stdout_cap: int, stderr_cap: int,
+                   started: float) -> OutputTooLarge:
+        which, cap = ("stdout", stdout_cap) if len(stdout) > stdout_cap else ("stderr", stderr_cap)
+        partial = CommandResult(command, -1, stdout[:stdout_cap].decode("utf-8", "replace"),
+                                stderr[:stderr_cap].decode("utf-8", "replace"), time.monotonic() - started)
+        return OutputTooLarge(f"{self.route.target.address} sent {which} larger than {cap} bytes; reading stopped",
+                              partial, hint="the command's output is bounded; check the host's tool or narrow the query")
 
     def _sftp_client(self) -> paramiko.SFTPClient:
         if self._sftp is None:
