@@ -92,6 +92,7 @@ class Agent(BaseModel):
     command_timeout_s: float = Field(default=30.0, gt=0, le=86400)
     heartbeat_interval_s: Optional[float] = Field(default=None, gt=0, le=86400)
     ssh_config_host: Optional[str] = None
+    ssh_config: Optional[bool] = None  # false: ignore ssh_config for this agent (default: [controller] ssh_config)
 
     _fingerprint = field_validator("host_key_fingerprint")(_check_fingerprint)
 
@@ -129,6 +130,12 @@ class ControllerSettings(BaseModel):
     offline_grace_s: float = Field(default=600.0, gt=0)
     scheduler_tick_s: float = Field(default=1.0, gt=0, le=60)
     kill_grace_s: int = Field(default=10, ge=0, le=3600)  # SIGTERM -> SIGKILL on cancel and timeout
+    ssh_config: bool = True  # resolve agents through ssh_config as `ssh` does (false: inventory fields only)
+    ssh_config_file: Optional[str] = None  # like `ssh -F`; unset: ~/.ssh/config and /etc/ssh/ssh_config
+    # A job whose host went offline stays provisionally ``lost`` this long: its result may still come back.
+    lost_grace_s: float = Field(default=3600.0, ge=0)
+    # A job directory that belongs to no current attempt is removed once seen this long (a live one never is).
+    orphan_age_s: float = Field(default=600.0, ge=0)
 
 
 class Inventory:

@@ -1,6 +1,10 @@
 """``fleetctl serve``: the long-running controller. APScheduler runs each agent's heartbeat on its
 own interval (coalescing missed runs, never two of one agent at once) and, when a job runner is
-attached, a scheduler tick that places, dispatches and collects jobs."""
+attached, a scheduler tick that places, dispatches and collects jobs.
+
+A :class:`StoreError` in a heartbeat or a tick stops the controller: a damaged or read-only store
+fails the same way on every later beat, so ``run_until`` re-raises it (one line, non-zero exit)
+instead of logging the same traceback forever."""
 
 from __future__ import annotations
 
@@ -13,7 +17,9 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from fleetctl.config import Agent
+from fleetctl.errors import StoreError
 from fleetctl.fleet import Fleet
+from fleetctl.text import one_line
 
 log = logging.getLogger("fleetctl.serve")
 
@@ -23,7 +29,9 @@ class Controller:
         self.fleet = fleet
         self.tick = tick
         self.beats = 0
+        self.failure: StoreError | None = None
         self._stopping = threading.Event()
+        self._failed = threading.Event()
         self._idle = threading.Condition()
         self._active = 0
         self._scheduler = BackgroundScheduler(
@@ -66,13 +74,26 @@ class Controller:
                 self._active -= 1
                 self._idle.notify_all()
 
+    def _fail(self, exc: StoreError) -> None:
+        """The first store failure wins; ``run_until`` stops and raises it."""
+        with self._idle:
+            if self.failure is None:
+                self.failure = exc
+        self._failed.set()
+
     def _beat(self, agent: Agent) -> None:
         def beat() -> None:
             snapshot = self.fleet.heartbeat_one(agent)
             if self._stopping.is_set():
                 return  # stop() closed the connection under it: not a real miss
-            for change in self.fleet.record([snapshot]):
-                detail = f" ({snapshot.status}: {snapshot.error})" if snapshot.error else ""
+            try:
+                changes = self.fleet.record([snapshot])
+            except StoreError as exc:
+                self._fail(exc)
+                return
+            for change in changes:
+                # The error is the host's text: one line, control characters made visible, in the log.
+                detail = f" ({snapshot.status}: {one_line(snapshot.error)})" if snapshot.error else ""
                 log.warning("%s %s -> %s%s", change.agent, change.before, change.after, detail)
             self.beats += 1
         self._tracked(beat)
@@ -82,6 +103,8 @@ class Controller:
             try:
                 if self.tick is not None:
                     self.tick()
+            except StoreError as exc:
+                self._fail(exc)
             except Exception:  # one bad tick must not stop the controller; the next one retries
                 log.exception("scheduler tick failed")
         self._tracked(tick)
@@ -97,9 +120,12 @@ class Controller:
         self.fleet.close()
 
     def run_until(self, stop: threading.Event) -> None:
+        """Serve until ``stop`` is set; raises the :class:`StoreError` that stopped it, if one did."""
         self.start()
         try:
-            while not stop.wait(0.5):
+            while not stop.wait(0.5) and not self._failed.is_set():
                 pass
         finally:
             self.stop()
+        if self.failure is not None:
+            raise self.failure

@@ -9,7 +9,9 @@
     │   ├── AuthError          the key was refused, unreadable or passphrase-locked
     │   ├── HostKeyError       the host offered a key other than the one pinned or known
     │   ├── CommandTimeout     the command did not finish within its deadline
-    │   └── ConnectionLost     the connection dropped while a command was running
+    │   ├── ConnectionLost     the connection dropped while a command was running
+    │   └── RemoteFileError    a file on the host could not be read or written over SFTP
+    │       └── RemoteFileNotFound
     ├── CommandFailed          the host ran the command and it failed (carries the result)
     ├── ParseError             tool output that could not be understood (carries the raw text)
     │   ├── ToolMissingError   the GPU tool is not installed (exit 127)
@@ -94,6 +96,14 @@ class CommandTimeout(TransportError):
 
 class ConnectionLost(TransportError):
     """The SSH connection dropped while a command was running."""
+
+
+class RemoteFileError(TransportError):
+    """A file on the host could not be read or written (permissions, disk full, SFTP refused)."""
+
+
+class RemoteFileNotFound(RemoteFileError):
+    """The remote path does not exist."""
 
 
 class CommandFailed(FleetError):

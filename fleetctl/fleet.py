@@ -3,6 +3,7 @@ heartbeats and fans out over a bounded pool; every host gets a snapshot, whateve
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -13,16 +14,19 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fleetctl import fanout
 from fleetctl.config import Agent, Inventory, load_config
 from fleetctl.durations import utc
 from fleetctl.errors import ConnectionLost, FleetError
 from fleetctl.frames import to_dataframe
 from fleetctl.health import Health, HealthPolicy
-from fleetctl.heartbeat import failed_snapshot, heartbeat_command, snapshot_from_result
+from fleetctl.heartbeat import MAX_STDERR as HEARTBEAT_MAX_STDERR
+from fleetctl.heartbeat import MAX_STDOUT as HEARTBEAT_MAX_STDOUT
+from fleetctl.heartbeat import crashed_snapshot, failed_snapshot, heartbeat_command, snapshot_from_result
 from fleetctl.history import Transition, agent_statuses, history, prune, set_draining
 from fleetctl.history import record as record_history
 from fleetctl.paths import state_dir as resolve_state_dir
-from fleetctl.routes import route_for
+from fleetctl.routes import resolver_for, route_for
 from fleetctl.ssh import ConnectOptions, HostKeyPolicy, connect
 from fleetctl.ssh.known_hosts import KnownHosts
 from fleetctl.store import Store
@@ -83,11 +87,15 @@ class Fleet:
         self.health_policy = HealthPolicy(self.settings.offline_after_misses, self.settings.offline_grace_s)
         self._store: Store | None = None
         self._pruned_at = -PRUNE_EVERY_S
-        options = ConnectOptions(host_keys=HostKeyPolicy(KnownHosts.default(self.state_dir), accept_any_host_key))
-        self._connect: Connector = connector or (lambda route: connect(route, options))
+        self.connect_options = ConnectOptions(host_keys=HostKeyPolicy(KnownHosts.default(self.state_dir),
+                                                                      accept_any_host_key))
+        self._connect: Connector = connector or (lambda route: connect(route, self.connect_options))
         self._connections: dict[str, Connection] = {}
         self._locks: dict[str, threading.Lock] = {a.name: threading.Lock() for a in inventory}
         self._routes: dict[str, Route] = {}
+        # ssh_config is resolved once per agent (cached by the resolver), never per heartbeat.
+        self.resolver = resolver_for(self.settings)
+        self._plain_resolver = resolver_for(self.settings, enabled=False)
         self._executor: ThreadPoolExecutor | None = None
         self._closing = False
         self._connect_locks: dict[str, threading.Lock] = {}
@@ -102,8 +110,18 @@ class Fleet:
 
     def _route(self, agent: Agent) -> Route:
         if agent.name not in self._routes:
-            self._routes[agent.name] = route_for(agent)
+            resolver = self._plain_resolver if agent.ssh_config is False else self.resolver
+            self._routes[agent.name] = route_for(agent, resolver)
         return self._routes[agent.name]
+
+    def forget_route(self, name: str) -> None:
+        """Resolve ``name`` again on next use (its inventory entry changed) and drop its connection."""
+        self._routes.pop(name, None)
+        self.drop(name)
+
+    def route(self, name: str) -> Route:
+        """How ``name`` is reached: every hop as ssh_config resolved it (raises ConfigError)."""
+        return self._route(self.inventory.get(name))
 
     def connection(self, agent: Agent) -> Connection:
         """The open connection to ``agent``, opened (again) if there is none or it died. Safe
@@ -126,14 +144,17 @@ class Fleet:
             conn.close()
 
     def heartbeat_one(self, agent: Agent) -> TelemetrySnapshot:
-        """One host, one exec. A connection that died since last time is reopened once."""
+        """One host, one exec, its output bounded. A connection that died since last time is
+        reopened once. Never raises: whatever goes wrong is this host's failed snapshot."""
         lock = self._locks.setdefault(agent.name, threading.Lock())
         with lock:
             command = heartbeat_command(agent)
             for attempt in (1, 2):
                 started = time.monotonic()
+                result = None
                 try:
-                    result = self.connection(agent).run(command, timeout=agent.command_timeout_s)
+                    result = self.connection(agent).run(command, timeout=agent.command_timeout_s,
+                                                        max_stdout=HEARTBEAT_MAX_STDOUT, max_stderr=HEARTBEAT_MAX_STDERR)
                     return snapshot_from_result(agent, result, (time.monotonic() - started) * 1000)
                 except ConnectionLost as exc:
                     self.drop(agent.name)
@@ -142,6 +163,10 @@ class Fleet:
                 except FleetError as exc:
                     self.drop(agent.name)
                     return failed_snapshot(agent, exc, started)
+                except Exception as exc:  # one host's surprise must not cost the round every other host
+                    with contextlib.suppress(Exception):
+                        self.drop(agent.name)
+                    return crashed_snapshot(agent, exc, started, ran=result is not None)
             raise AssertionError("unreachable")
 
     def heartbeat(self, agents: list[str] | None = None, *, record: bool = True) -> HeartbeatRound:
@@ -163,6 +188,15 @@ class Fleet:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=self.max_parallel_ssh, thread_name_prefix="fleetctl-ssh")
         return self._executor
+
+    # -- fan-out ---------------------------------------------------------------------------
+    def run(self, command: list[str] | str, agents: list[str] | str | None = None,
+            labels: dict[str, str] | None = None, timeout: float = fanout.DEFAULT_TIMEOUT_S, *,
+            max_stdout: int = fanout.MAX_STDOUT, max_stderr: int = fanout.MAX_STDERR) -> fanout.FanoutResult:
+        """``command`` (argv, each word quoted; a string runs via ``sh -c``) on every chosen agent in
+        parallel; ``labels`` are globs (``{"gpu_type": "a100*"}``). Every host's outcome, never raising for one."""
+        return fanout.run(self, command, agents=agents, labels=labels, timeout=timeout,
+                          max_stdout=max_stdout, max_stderr=max_stderr)
 
     # -- the store -------------------------------------------------------------------------
     @property
@@ -252,6 +286,30 @@ class Fleet:
 
     def __enter__(self) -> Fleet:
         return self
+
+    def _repr_html_(self) -> str:
+        """Jupyter: one row per agent with its route, labels and last known health."""
+        try:
+            frame = self.health()
+        except FleetError:  # no readable store: the inventory alone
+            import pandas as pd
+
+            frame = pd.DataFrame({"agent": self.inventory.names()})
+        import html
+
+        routes, labels = {}, {}
+        for a in self.inventory:
+            try:
+                routes[a.name] = self._route(a).describe()
+            except FleetError as exc:  # e.g. an ssh_config alias that no longer resolves
+                routes[a.name] = f"({exc.message})"
+            labels[a.name] = ", ".join(f"{k}={v}" for k, v in a.labels.items())
+        frame.insert(1, "address", frame["agent"].map(routes))
+        frame.insert(2, "labels", frame["agent"].map(labels))
+        frame = frame.drop(columns=["misses", "last_ok"], errors="ignore").astype(object)
+        frame = frame.where(frame.notna(), "")
+        caption = html.escape(f"Fleet of {len(self.inventory)} agents ({self.inventory.path})")
+        return f"<p>{caption}</p>" + str(frame.to_html(index=False, na_rep=""))
 
     def __exit__(self, *exc: object) -> None:
         self.close()

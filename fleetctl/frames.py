@@ -55,17 +55,53 @@ def typed_frame(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
+# A spreadsheet reads a cell starting with one of these as a formula (OWASP "CSV injection").
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutralise_cell(value: object) -> object:
+    """A text cell that a spreadsheet would run as a formula gets a leading ``'``; anything else
+    (numbers included, a negative one stays a number) is returned as it is."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
+def csv_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with every text cell neutralised; numeric columns untouched. Every CSV fleetctl
+    writes goes through here."""
+    from pandas.api.types import is_numeric_dtype
+
+    text_columns = [c for c in frame.columns if not is_numeric_dtype(frame[c].dtype)]
+    if not text_columns:
+        return frame
+    safe = frame.copy()
+    for column in text_columns:
+        safe[column] = safe[column].map(neutralise_cell)
+    return safe
+
+
+def csv_target(path: str | os.PathLike[str]) -> Path:
+    """``path`` if its directory exists. A missing directory is an error, never created: a typo in
+    a cron line must not write somewhere unexpected and go unnoticed."""
+    target = Path(path)
+    parent = target.parent
+    if not parent.is_dir():
+        raise ConfigError(f"cannot write {target}: directory {parent} does not exist",
+                          hint="create it first or fix the path")
+    return target
+
+
 def append_csv(path: str | os.PathLike[str], frame: pd.DataFrame) -> int:
     """Append rows to a CSV; the header only when the file is new or empty. An exclusive lock on
     the file keeps two cron runs from interleaving their rows. Returns the rows written."""
-    target = Path(path)
+    target = csv_target(path)
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
         with open(target, "a", newline="", encoding="utf-8") as handle:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
             try:
                 handle.seek(0, os.SEEK_END)
-                frame.to_csv(handle, header=handle.tell() == 0, index=False)
+                csv_safe(frame).to_csv(handle, header=handle.tell() == 0, index=False)
                 handle.flush()
                 os.fsync(handle.fileno())
             finally:
@@ -80,7 +116,13 @@ def write_csv(path: str | os.PathLike[str], frame: pd.DataFrame) -> None:
     """Replace ``path`` with the rows: written beside it, then renamed, so readers never see half."""
     from fleetctl.config import write_atomically
 
+    target = csv_target(path)
     try:
-        write_atomically(Path(path), frame.to_csv(index=False), mode=0o644)
+        write_atomically(target, csv_safe(frame).to_csv(index=False), mode=0o644)
     except OSError as exc:
-        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}", hint="choose a writable path") from None
+        raise ConfigError(f"cannot write {target}: {exc.strerror or exc}", hint="choose a writable path") from None
+
+
+def csv_text(frame: pd.DataFrame) -> str:
+    """The rows as CSV text (header included), neutralised as every file fleetctl writes."""
+    return str(csv_safe(frame).to_csv(index=False))

@@ -7,6 +7,8 @@ its exit code, then ``/proc/loadavg``, two ``/proc/meminfo`` lines and ``/proc/u
 from __future__ import annotations
 
 import functools
+import logging
+import re
 import shlex
 import time
 from datetime import datetime, timezone
@@ -16,6 +18,7 @@ from fleetctl.config import Agent
 from fleetctl.errors import (
     AuthError,
     CommandTimeout,
+    ConfigError,
     ConnectTimeout,
     DriverError,
     FleetError,
@@ -27,11 +30,23 @@ from fleetctl.errors import (
 from fleetctl.gpu_tools import DEFAULT_QUERIES
 from fleetctl.jobs.remote import SCAN_MARK, SCAN_SCRIPT, parse_scan_line
 from fleetctl.parsers import NoGpusError, parse_gpu_output
-from fleetctl.telemetry import HostBasics, Status, TelemetrySnapshot
+from fleetctl.telemetry import GpuSample, HostBasics, Status, TelemetrySnapshot
 from fleetctl.text import one_line
 from fleetctl.transport import CommandResult
 
 MARK = "\x1efleetctl"  # ASCII record separator: never in tool output
+# Bounded reads: past these the channel is closed and the host's status is parse_error ("larger
+# than N bytes"), so a tool printing endlessly or a million GPU lines cannot grow the controller.
+# A real 8-GPU answer with the host basics and a job scan is a few KiB.
+MAX_STDOUT = 4 * 1024 * 1024
+MAX_STDERR = 64 * 1024
+# No host has this many GPUs; more rows are a broken or hostile tool, not telemetry to store.
+MAX_GPUS = 1024
+
+log = logging.getLogger("fleetctl")
+# JSON can spell a lone surrogate ("\\udcff"): a str that no UTF-8 encoder (the store, a CSV, the
+# terminal) accepts. It becomes U+FFFD, as bytes that are not UTF-8 already do when decoded.
+_SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 def _query_block(gpu_query_cmd: str | None) -> str:
@@ -83,6 +98,8 @@ def snapshot_from_result(agent: Agent, result: CommandResult, latency_ms: float,
     stamp = timestamp or datetime.now(timezone.utc)
 
     def snapshot(status: Status, **fields: Any) -> TelemetrySnapshot:
+        if isinstance(fields.get("error"), str):
+            fields["error"] = _valid_unicode(fields["error"])
         return TelemetrySnapshot(agent=agent.name, hostname=agent.hostname or "", timestamp=stamp,
                                  latency_ms=latency_ms, status=status, job_dirs={d.path: d.state for d in job_dirs},
                                  **fields)
@@ -110,10 +127,29 @@ def snapshot_from_result(agent: Agent, result: CommandResult, latency_ms: float,
         return snapshot("no_gpus", host=basics)
     except FleetError as exc:
         return snapshot(_status_of(exc), host=basics, error=one_line(str(exc)))
+    if len(gpus) > MAX_GPUS:
+        return snapshot("parse_error", host=basics,
+                        error=f"{agent.name} reports {len(gpus)} GPUs, more than {MAX_GPUS}: the tool output is not believable")
+    gpus = [_valid_sample(gpu) for gpu in gpus]
     return snapshot("ok" if gpus else "no_gpus", gpus=gpus, host=basics)
 
 
+def _valid_unicode(text: str) -> str:
+    return _SURROGATES.sub("\ufffd", text)
+
+
+def _valid_sample(gpu: GpuSample) -> GpuSample:
+    texts = [gpu.uuid or "", gpu.name or "", *gpu.extra, *gpu.extra.values()]
+    if not any(_SURROGATES.search(text) for text in texts):
+        return gpu
+    return gpu.model_copy(update={
+        "uuid": gpu.uuid and _valid_unicode(gpu.uuid), "name": gpu.name and _valid_unicode(gpu.name),
+        "extra": {_valid_unicode(k): _valid_unicode(v) for k, v in gpu.extra.items()}})
+
+
 def _status_of(exc: FleetError) -> Status:
+    if isinstance(exc, ConfigError):  # e.g. a bad ssh_config line: this agent only, named file:line
+        return "config_error"
     if isinstance(exc, ToolMissingError):
         return "tool_missing"
     if isinstance(exc, DriverError):
@@ -134,4 +170,16 @@ def _status_of(exc: FleetError) -> Status:
 def failed_snapshot(agent: Agent, exc: FleetError, started: float) -> TelemetrySnapshot:
     return TelemetrySnapshot(agent=agent.name, hostname=agent.hostname or "", timestamp=datetime.now(timezone.utc),
                              status=_status_of(exc), error=one_line(str(exc)),
+                             latency_ms=(time.monotonic() - started) * 1000)
+
+
+def crashed_snapshot(agent: Agent, exc: Exception, started: float, *, ran: bool) -> TelemetrySnapshot:
+    """An exception nobody expected while beating one host (a parser bug, a library's internals)
+    is that host's failed snapshot, never the round's: ``parse_error`` if the command ran and its
+    output broke something, ``unreachable`` if it never ran. The traceback goes to DEBUG."""
+    log.debug("heartbeat of %s failed unexpectedly", agent.name, exc_info=exc)
+    doing = "reading the heartbeat of" if ran else "reaching"
+    return TelemetrySnapshot(agent=agent.name, hostname=agent.hostname or "", timestamp=datetime.now(timezone.utc),
+                             status="parse_error" if ran else "unreachable",
+                             error=one_line(f"unexpected {type(exc).__name__} while {doing} {agent.name}: {exc}"),
                              latency_ms=(time.monotonic() - started) * 1000)

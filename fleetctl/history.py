@@ -109,9 +109,10 @@ def history(store: Store, since: datetime | str | None = None, agents: list[str]
         params.extend(agents)
     where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
     sql = f"SELECT {', '.join(COLUMNS)} FROM telemetry{where} ORDER BY ts, rowid"
-    with store.lock:
-        frame = pd.read_sql_query(sql, store.connection, params=params)
-    return typed_frame(frame)
+    # Through Store.query, so a damaged file is a StoreError; from_records(coerce_float) is what
+    # read_sql_query does with the same rows.
+    rows = [tuple(row) for row in store.query(sql, params)]
+    return typed_frame(pd.DataFrame.from_records(rows, columns=COLUMNS, coerce_float=True))
 
 
 def agent_statuses(store: Store) -> dict[str, AgentStatus]:

@@ -16,7 +16,7 @@ from fleetctl.config import Agent, Bastion, edit_inventory, load_config
 from fleetctl.errors import ConfigError
 from fleetctl.gpu_tools import DETECT_COMMAND, default_query, parse_detection
 from fleetctl.paths import config_path, state_dir
-from fleetctl.routes import route_for
+from fleetctl.routes import resolver_for, route_for
 from fleetctl.ssh import ConnectOptions, HostKeyPolicy, connect
 from fleetctl.ssh.known_hosts import KnownHosts
 
@@ -93,7 +93,7 @@ def register_ssh(
     tools: list[str] = []
     if connect_now:
         policy = HostKeyPolicy(known_hosts=KnownHosts.default(state_dir(state)), accept_any=accept_any_host_key)
-        with connect(route_for(agent), ConnectOptions(host_keys=policy)) as connection:
+        with connect(route_for(agent, resolver_for(inventory.controller)), ConnectOptions(host_keys=policy)) as connection:
             detection = connection.run(DETECT_COMMAND, timeout=agent.command_timeout_s)
             tools, own_address = parse_detection(detection.stdout)
             seen = connection.host_keys

@@ -7,9 +7,11 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, Field
 
+from fleetctl.text import one_line
+
 Vendor = Literal["nvidia", "amd"]
 Status = Literal["ok", "no_gpus", "unreachable", "timeout", "auth_failed", "host_key_mismatch",
-                 "bastion_unreachable", "tool_missing", "driver_error", "parse_error"]
+                 "bastion_unreachable", "tool_missing", "driver_error", "parse_error", "config_error"]
 GOOD_STATUSES = ("ok", "no_gpus")
 
 
@@ -55,3 +57,9 @@ class TelemetrySnapshot(BaseModel):
     @property
     def ok(self) -> bool:
         return self.status in GOOD_STATUSES
+
+    def __repr__(self) -> str:
+        # One line: a round of 100 hosts prints 100 short lines, not kilobytes of fields each.
+        if self.error:
+            return f"<TelemetrySnapshot {self.agent} {self.status}: {one_line(self.error, 60)}>"
+        return f"<TelemetrySnapshot {self.agent} {self.status}, {len(self.gpus)} GPUs>"

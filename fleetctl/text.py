@@ -27,6 +27,6 @@ def visible(text: object, limit: int | None = None) -> str:
     return shown
 
 
-def one_line(text: object, limit: int = 300) -> str:
+def one_line(text: object, limit: int = 600) -> str:
     """Whitespace runs (newlines included) folded to one space, controls made visible, cut to ``limit``."""
     return visible(" ".join(str(text).split()), limit)

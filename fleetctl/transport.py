@@ -6,7 +6,7 @@ only :mod:`fleetctl.ssh` knows it is paramiko underneath, and unit tests can han
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -20,17 +20,41 @@ MAX_STDERR = 1024 * 1024
 
 @dataclass(frozen=True)
 class Hop:
-    """One SSH server on the way: a bastion or the target itself."""
+    """One SSH server on the way: a bastion or the target itself, as ssh_config resolved it."""
 
     hostname: str
     user: str
     port: int = 22
-    key_path: str | None = None
+    key_path: str | None = None  # the inventory's key; tried first (like `ssh -i`)
     fingerprint: str | None = None  # pinned SHA256:...; None means verify against known_hosts
+    identity_files: tuple[str, ...] = ()  # IdentityFile, in order; empty: key_path or the default keys
+    certificate_files: tuple[str, ...] = ()
+    identities_only: bool = False
+    identity_agent: str | None = None  # socket path; None: $SSH_AUTH_SOCK; "none": no agent
+    proxy_command: str | None = None  # only on the first hop: its transport instead of TCP
+    alias: str | None = None  # the name the user gave (OpenSSH's %n)
+    host_key_alias: str | None = None
+    known_hosts_files: tuple[str, ...] = ()  # UserKnownHostsFile + GlobalKnownHostsFile
+    strict_host_key_checking: str = "accept-new"
+    hash_known_hosts: bool = False
+    host_key_algorithms: tuple[str, ...] = ()  # set by the user; empty: known types first
+    keepalive_s: int = 0
+    bind_address: str | None = None
+    address_family: str = "any"
 
     @property
     def address(self) -> str:
         return format_address(self.hostname, self.port, self.user)
+
+    @property
+    def identities(self) -> tuple[str, ...]:
+        if self.identity_files:
+            return self.identity_files
+        return (self.key_path,) if self.key_path else DEFAULT_IDENTITY_FILES
+
+
+DEFAULT_IDENTITY_FILES = ("~/.ssh/id_rsa", "~/.ssh/id_ecdsa", "~/.ssh/id_ecdsa_sk", "~/.ssh/id_ed25519",
+                          "~/.ssh/id_ed25519_sk", "~/.ssh/id_xmss", "~/.ssh/id_dsa")
 
 
 @dataclass(frozen=True)
@@ -55,12 +79,15 @@ class Route:
 
 @dataclass(frozen=True)
 class HostKeySeen:
-    """What a hop presented during this connection (recorded by ``register-ssh``)."""
+    """What a hop presented during this connection (recorded by ``register-ssh``, shown by ``doctor``)."""
 
     address: str
     key_type: str
     fingerprint: str
     peer_ip: str | None
+    verdict: str = ""  # how the host key was judged
+    identity: str = ""  # the key that logged in
+    key_blob: bytes = field(default=b"", repr=False)
 
 
 @dataclass

@@ -25,6 +25,9 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
     monkeypatch.setenv("XDG_STATE_HOME", str(home / ".local" / "state"))
+    # OpenSSH reads ~/.ssh/config from the passwd entry, not $HOME: point it at the isolated one.
+    (home / ".ssh" / "config").touch()
+    monkeypatch.setenv("FLEETCTL_SSH_CONFIG", str(home / ".ssh" / "config"))
     for var in ("FLEETCTL_CONFIG", "FLEETCTL_STATE_DIR", "SSH_AUTH_SOCK", "FLEETCTL_DEBUG"):
         monkeypatch.delenv(var, raising=False)
     return home

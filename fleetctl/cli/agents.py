@@ -10,9 +10,11 @@ from rich.table import Table
 
 from fleetctl.addresses import read_worker_file
 from fleetctl.cli.common import common_options, err, out, parse_labels, print_json, settings
+from fleetctl.cli.tables import cell
 from fleetctl.config import Agent, edit_inventory, load_config
 from fleetctl.errors import FleetError
 from fleetctl.registration import register_ssh
+from fleetctl.text import one_line, visible
 
 
 def _via(agent: Agent) -> str:
@@ -21,6 +23,11 @@ def _via(agent: Agent) -> str:
 
 def _tool(agent: Agent) -> str:
     return agent.gpu_query_cmd.split()[0] if agent.gpu_query_cmd else "auto"
+
+
+def labels_text(labels: dict[str, str]) -> str:
+    """``k=v, k=v``: labels as they are typed, not as a Python dict."""
+    return ", ".join(f"{key}={value}" for key, value in labels.items())
 
 
 @click.command("register-ssh")
@@ -58,12 +65,12 @@ def register_ssh_command(host: str, key: str | None, name: str | None, bastions:
         return
     verb = "updated" if result.replaced else "added"
     if not result.connected:
-        out.print(f"{verb} {result.agent.name} ({result.agent.address}) without connecting; "
-                  f"host keys will be recorded on first contact")
+        out.print(visible(f"{verb} {result.agent.name} ({result.agent.address}) without connecting; "
+                          f"host keys will be recorded on first contact"))
         return
     tool = ", ".join(result.tools) or "no GPU tool found"
-    out.print(f"{verb} {result.agent.name}: {result.agent.address} via {_via(result.agent)}; "
-              f"host key {result.agent.host_key_fingerprint}; {tool}")
+    out.print(visible(f"{verb} {result.agent.name}: {result.agent.address} via {_via(result.agent)}; "
+                      f"host key {result.agent.host_key_fingerprint}; {tool}"))
 
 
 @click.group("agents")
@@ -82,12 +89,12 @@ def list_agents(as_json: bool) -> None:
         return
     table = Table("NAME", "ADDRESS", "VIA", "GPU TOOL", "LABELS", "PINNED", box=None, pad_edge=False)
     for agent in inventory:
-        labels = ",".join(f"{k}={v}" for k, v in agent.labels.items())
-        table.add_row(agent.name, agent.address, _via(agent), _tool(agent), labels,
-                      "yes" if agent.host_key_fingerprint else "no")
+        table.add_row(*(cell(value) for value in (agent.name, agent.address, _via(agent), _tool(agent),
+                                                   labels_text(agent.labels),
+                                                   "yes" if agent.host_key_fingerprint else "no")))
     out.print(table)
     if not len(inventory):
-        err.print(f"no agents in {inventory.path}; add one with `fleetctl register-ssh`")
+        err.print(visible(f"no agents in {inventory.path}; add one with `fleetctl register-ssh`"))
 
 
 @agents_group.command("show")
@@ -103,10 +110,10 @@ def show_agent(name: str, as_json: bool) -> None:
         return
     for key, value in data.items():
         if key != "bastion":
-            out.print(f"{key}: {value}")
+            out.print(f"{key}: {one_line(labels_text(value) if isinstance(value, dict) else value, limit=2000)}")
     for depth, bastion in enumerate(agent.bastions(), start=1):
         pin = bastion.host_key_fingerprint or "not pinned"
-        out.print(f"bastion {depth}: {bastion.address} ({pin})")
+        out.print(visible(f"bastion {depth}: {bastion.address} ({pin})"))
 
 
 @agents_group.command("remove")
@@ -116,7 +123,7 @@ def remove_agent(name: str) -> None:
     """Delete an agent from the inventory (other entries are kept as they are)."""
     with edit_inventory(settings().config_path) as inventory:
         removed = inventory.remove(name)
-    out.print(f"removed {removed.name} ({removed.address})")
+    out.print(visible(f"removed {removed.name} ({removed.address})"))
 
 
 @agents_group.command("import")
@@ -139,9 +146,9 @@ def import_agents(worker_file: str, key: str, bastions: tuple[str, ...], labels:
         try:
             result = register_ssh(str(worker.address), key, bastions=list(bastions), labels=parse_labels(labels),
                                   connect_now=not no_connect, config=s.config_path, state=s.state_path)
-            out.print(f"{'updated' if result.replaced else 'added'} {result.agent.name} ({result.agent.address})")
+            out.print(visible(f"{'updated' if result.replaced else 'added'} {result.agent.name} ({result.agent.address})"))
         except FleetError as exc:
             failed += 1
-            err.print(f"{worker_file}:{worker.line_number}: {worker.address}: {exc}")
+            err.print(f"{visible(worker_file)}:{worker.line_number}: {visible(worker.address)}: {one_line(exc, limit=2000)}")
     if failed:
         raise click.exceptions.Exit(1)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from pydantic import BaseModel
 from rich.console import Console
 
 from fleetctl.errors import ConfigError
@@ -16,10 +19,32 @@ from fleetctl.paths import config_path, state_dir
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# rich drops colour by itself when stdout is not a terminal or NO_COLOR is set.
+
+
+class _Console(Console):
+    """A console whose text is data: no markup, no emoji codes, no highlighting, and (NO_COLOR set to
+    anything) no styling at all. rich itself only drops colours for NO_COLOR and keeps bold/italic."""
+
+    def __init__(self, **options: Any) -> None:
+        if os.environ.get("NO_COLOR"):
+            options.update(no_color=True, color_system=None)  # no colour system: no SGR code at all
+        super().__init__(markup=False, emoji=False, highlight=False, **options)
+
+    def on_broken_pipe(self) -> None:
+        # rich's default raises SystemExit(1) and points stdout (even for the stderr console) at
+        # /dev/null; main() decides instead: quiet exit 141, as cat does.
+        self.quiet = True
+        raise BrokenPipeError
+
+
+def _is_tty(stream: Any) -> bool:
+    # sys.stdout is None when fleetctl starts with stdout closed (`>&-`); main() reports that.
+    return stream is not None and bool(stream.isatty())
+
+
 # Piped output (cron, logs, CI) gets wide lines instead of tables wrapped at 80 columns.
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = _Console(width=None if _is_tty(sys.stdout) else 200)
+err = _Console(stderr=True, soft_wrap=True)
 
 
 class Settings:
@@ -59,15 +84,46 @@ def settings() -> Settings:
     return click.get_current_context().ensure_object(Settings)
 
 
+def iso_utc(moment: datetime | float) -> str:
+    """The one time format of fleetctl's JSON: ISO 8601 in UTC with ``Z``, sub-second only where the
+    value has it (as pydantic writes an aware UTC datetime). Epoch seconds and naive times (taken as
+    UTC) are accepted so no document mixes forms."""
+    if not isinstance(moment, datetime):
+        moment = datetime.fromtimestamp(moment, timezone.utc)
+    elif moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    moment = moment.astimezone(timezone.utc)
+    return moment.replace(tzinfo=None).isoformat(timespec="microseconds" if moment.microsecond else "seconds") + "Z"
+
+
+def json_ready(data: Any) -> Any:
+    """``data`` with models dumped as JSON and every datetime in :func:`iso_utc` form."""
+    if isinstance(data, BaseModel):
+        return json_ready(data.model_dump(mode="json"))
+    if isinstance(data, datetime):
+        return iso_utc(data)
+    if isinstance(data, dict):
+        return {key: json_ready(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [json_ready(value) for value in data]
+    return data
+
+
 def print_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, default=str))
+    click.echo(json.dumps(json_ready(data), indent=2, default=str))
+
+
+# What each repeatable KEY=VALUE flag looks like when written right.
+_FLAG_EXAMPLES = {"--label": ("KEY=VALUE", "--label gpu_type=a100"), "--env": ("NAME=VALUE", "--env NAME=value")}
 
 
 def parse_labels(values: tuple[str, ...], flag: str = "--label") -> dict[str, str]:
+    """``KEY=VALUE`` flags as a dict; a malformed one is a one-line error whose hint fits the flag."""
+    shape, example = _FLAG_EXAMPLES.get(flag, ("KEY=VALUE", f"{flag} KEY=VALUE"))
     labels: dict[str, str] = {}
     for item in values:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"{flag} {item!r} is not KEY=VALUE", hint=f"write {flag} gpu_type=a100")
+            raise ConfigError(f"{flag} {item!r} is not {shape}", hint=f"write {example}")
         labels[key] = value
     return labels

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 
 import click
@@ -11,9 +12,11 @@ from fleetctl.cli.common import common_options, out, print_json, settings
 from fleetctl.cli.tables import fleet_table
 from fleetctl.config import load_config
 from fleetctl.fleet import DEFAULT_MAX_PARALLEL_SSH, Fleet
-from fleetctl.frames import append_csv
+from fleetctl.frames import append_csv, csv_target
 from fleetctl.registration import register_ssh
 from fleetctl.sandbox import Sandbox, default_hosts, sandbox_dir
+from fleetctl.sandbox.sandbox import STATE_FILE
+from fleetctl.text import visible
 
 EXIT_SOME_FAILED = 3
 # What the demo job does: read its inputs from job.json, write a JSON result.
@@ -34,6 +37,8 @@ def heartbeat_command(agents: tuple[str, ...], csv_path: str | None, as_json: bo
     """One heartbeat round now, recorded in history. Exit 0 if every host answered, 3 if some
     failed (their rows say why), 1 on fleetctl's own errors."""
     s = settings()
+    if csv_path:
+        csv_target(csv_path)  # a missing directory fails now, before the round, not after it
     with Fleet(load_config(s.config_path), state_dir=s.state_path, max_parallel_ssh=max_parallel_ssh) as fleet:
         result = fleet.heartbeat(list(agents) or None)
     if csv_path:
@@ -64,25 +69,32 @@ def sandbox_up(hosts: int, directory: str | None) -> None:
     sandbox = Sandbox(_sandbox_path(directory), default_hosts(hosts)).up()
     isolation = "hosts behind the bastion live in a network namespace" if sandbox.use_netns else \
         "no network namespaces (needs root): bastion hosts are also reachable directly"
-    out.print(f"sandbox up in {sandbox.directory}: {len(sandbox.pids)} sshd processes; {isolation}")
-    out.print(f"try: fleetctl --config {sandbox.inventory_path} heartbeat")
+    out.print(visible(f"sandbox up in {sandbox.directory}: {len(sandbox.pids)} sshd processes; {isolation}"))
+    out.print(visible(f"try: fleetctl --config {sandbox.inventory_path} heartbeat"))
 
 
 @sandbox_group.command("down")
 @click.option("--dir", "directory", type=click.Path(file_okay=False), help="The sandbox to stop.")
 @common_options
 def sandbox_down(directory: str | None) -> None:
-    """Stop every sandbox sshd by PID and remove its network namespaces."""
-    sandbox = Sandbox.load(_sandbox_path(directory))
+    """Stop every sandbox sshd by PID and remove its network namespaces. Nothing running is fine."""
+    path = _sandbox_path(directory)
+    if not (path / STATE_FILE).exists():  # already down (or never up): a no-op, as `rm -f` is
+        out.print(visible(f"sandbox down: no sandbox runs in {path}; nothing to stop"))
+        return
+    sandbox = Sandbox.load(path)
     count = len(sandbox.pids)
+    started = time.monotonic()
     sandbox.down()
-    out.print(f"sandbox down: stopped {count} sshd processes")
+    out.print(f"sandbox down: stopped {count} sshd processes in {time.monotonic() - started:.1f}s")
 
 
 @click.command("demo")
 @click.option("--hosts", type=click.IntRange(1, 50), default=3, show_default=True)
 def demo_command(hosts: int) -> None:
-    """Start a sandbox fleet, register it with register-ssh, run one heartbeat round, tear down."""
+    """Try fleetctl with nothing to set up: start a sandbox fleet of simulated GPU hosts, register
+    them with register-ssh, run a heartbeat round, run a 2-GPU job on the fleet (it reads a payload
+    from $FLEETCTL_JOB_FILE and writes a JSON result, which is pulled back and printed), tear down."""
     with tempfile.TemporaryDirectory(prefix="fleetctl-demo-") as scratch:
         root = Path(scratch)
         sandbox = Sandbox(root / "sandbox", default_hosts(hosts))

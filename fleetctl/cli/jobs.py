@@ -10,13 +10,15 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from fleetctl.cli.common import common_options, out, parse_labels, print_json, settings
+from fleetctl.cli.common import common_options, iso_utc, out, parse_labels, print_json, settings
+from fleetctl.cli.tables import cell
 from fleetctl.config import load_config
-from fleetctl.errors import ConfigError
+from fleetctl.errors import ConfigError, JobError
 from fleetctl.fleet import Fleet
-from fleetctl.jobs.api import cancel_job
+from fleetctl.jobs.api import NO_CONTROLLER, cancel_job, refresh_reasons
 from fleetctl.jobs.model import FINAL_STATES, JobRecord, parse_duration
 from fleetctl.jobs.queue import JobQueue
+from fleetctl.text import one_line, visible
 
 STATES = ("queued", "dispatching", "running", *FINAL_STATES)
 EXIT_JOB_FAILED = 3
@@ -74,10 +76,13 @@ def submit_command(gpus: int, min_free_mem_mib: float | None, labels: tuple[str,
         click.echo(job.id)
         if wait:
             _report_end(job.wait())
+        elif (job.record.reason or "").startswith(NO_CONTROLLER):
+            sys.stderr.write(f"fleetctl: {NO_CONTROLLER}; the job waits until `fleetctl serve` or "
+                             f"`fleetctl jobs wait {job.id}` runs\n")
 
 
 def _report_end(record: JobRecord) -> None:
-    sys.stderr.write(f"job {record.id} {record.state}: {record.reason or ''}\n")
+    sys.stderr.write(f"job {record.id} {record.state}: {one_line(record.reason or '', limit=2000)}\n")
     if record.state != "succeeded":
         raise click.exceptions.Exit(EXIT_JOB_FAILED)
 
@@ -98,14 +103,16 @@ def _when(value: object) -> str:
 def list_jobs(states: tuple[str, ...], as_json: bool) -> None:
     """Jobs, highest priority then oldest first."""
     with _fleet() as fleet:
+        refresh_reasons(fleet)  # queued jobs say so when nothing drives the queue
         records = JobQueue(fleet.store).list(list(states) or None)  # type: ignore[arg-type]
     if as_json:
-        print_json([r.model_dump(mode="json") for r in records])
+        print_json(records)
         return
     table = Table("ID", "NAME", "STATE", "AGENT", "GPUS", "SUBMITTED", "REASON", "COMMAND", box=None, pad_edge=False)
     for r in records:
-        table.add_row(r.id, r.name or "", r.state, r.agent or "", ",".join(r.gpus), _when(r.submitted),
-                      r.reason or "", " ".join(r.spec.command)[:60], )
+        # Names, reasons and commands are user and host data: cells are plain text, controls made visible.
+        table.add_row(*(cell(value) for value in (r.id, r.name, r.state, r.agent, ",".join(r.gpus), _when(r.submitted),
+                                                   r.reason, one_line(" ".join(r.spec.command), limit=60))))
     out.print(table)
 
 
@@ -116,21 +123,23 @@ def list_jobs(states: tuple[str, ...], as_json: bool) -> None:
 def show_job(job_id: str, as_json: bool) -> None:
     """One job: its spec, state, result and history of events."""
     with _fleet() as fleet:
+        refresh_reasons(fleet)
         queue = JobQueue(fleet.store)
         record = queue.get(job_id)
         events = queue.events(record.id)
     if as_json:
-        print_json({**record.model_dump(mode="json"), "events": [{"ts": t, "event": e, "detail": d} for t, e, d in events]})
+        print_json({**record.model_dump(mode="json"),
+                    "events": [{"ts": iso_utc(t), "event": e, "detail": d} for t, e, d in events]})
         return
-    out.print(f"job {record.id} ({record.name or 'unnamed'}): {record.state}", markup=False)
+    out.print(f"job {record.id} ({visible(record.name or 'unnamed')}): {record.state}")
     for label, value in (("command", " ".join(record.spec.command)), ("agent", record.agent), ("gpus", ",".join(record.gpus)),
                          ("attempt", record.attempt), ("remote dir", record.remote_dir), ("reason", record.reason),
                          ("exit code", record.exit_code), ("output", json.dumps(record.result.output) if record.result else None),
                          ("logs", record.result.stdout_path if record.result else None)):
         if value not in (None, ""):
-            out.print(f"  {label}: {value}", markup=False)
+            out.print(f"  {label}: {visible(value)}")
     for ts, event, detail in events:
-        out.print(f"  {time.strftime('%H:%M:%S', time.localtime(ts))} {event}{': ' + detail if detail else ''}", markup=False)
+        out.print(f"  {time.strftime('%H:%M:%S', time.localtime(ts))} {event}{': ' + one_line(detail, 2000) if detail else ''}")
 
 
 @jobs_group.command("logs")
@@ -139,22 +148,40 @@ def show_job(job_id: str, as_json: bool) -> None:
 @click.option("--follow", "-f", is_flag=True, help="Keep printing while the job runs (read over SSH).")
 @common_options
 def job_logs(job_id: str, use_stderr: bool, follow: bool) -> None:
-    """The job's stdout (or stderr): collected copy once ended, the remote file while it runs."""
+    """The job's stdout (or stderr): collected copy once ended, the remote file while it runs.
+    Exit 1 when the job has none (it never ran, or nothing came back from its host)."""
     name = "stderr" if use_stderr else "stdout"
     with _fleet() as fleet:
         job = fleet.job(job_id)
         printed = 0
         while True:
-            text = job.logs(name)
-            sys.stdout.write(text[printed:])
-            sys.stdout.flush()
-            printed = len(text)
-            if not follow or job.record.done:
-                if follow and job.record.result is not None:
-                    final = job.logs(name)
-                    sys.stdout.write(final[printed:])
+            record = job.record
+            missing = _no_logs(record)
+            if missing and (record.done or not follow):
+                if printed:
+                    return  # followed a run whose host then went away: what it printed was shown
+                raise JobError(f"job {record.id} has no {name} log: {missing}",
+                               hint=f"see `fleetctl jobs show {record.id}`")
+            if not missing:
+                text = job.logs(name)  # the job's own bytes, as written: not made visible
+                sys.stdout.write(text[printed:])
+                sys.stdout.flush()
+                printed = len(text)
+            if not follow or record.done:
                 return
             time.sleep(1.0)
+
+
+def _no_logs(record: JobRecord) -> str | None:
+    """Why ``record`` has no log to show, or None when it has one (collected, or remote while running)."""
+    if record.result is not None or (record.state == "running" and record.remote_dir and record.agent):
+        return None
+    why = f"{record.state}: {one_line(record.reason, 300)}" if record.reason else record.state
+    if record.state in ("queued", "dispatching", "running"):
+        return f"it has not started yet ({why})"
+    if record.started is None:
+        return f"it never ran ({why})"
+    return f"nothing came back from {record.agent or 'its host'} ({why})"
 
 
 @jobs_group.command("wait")
@@ -187,7 +214,7 @@ def drain_command(name: str) -> None:
     """Place no new jobs on NAME; running jobs finish."""
     with _fleet() as fleet:
         fleet.drain(name)
-    out.print(f"{name}: draining (running jobs finish, no new ones are placed)", markup=False)
+    out.print(f"{visible(name)}: draining (running jobs finish, no new ones are placed)")
 
 
 @click.command("undrain")
@@ -197,7 +224,7 @@ def undrain_command(name: str) -> None:
     """Place jobs on NAME again."""
     with _fleet() as fleet:
         fleet.drain(name, False)
-    out.print(f"{name}: accepting jobs", markup=False)
+    out.print(f"{visible(name)}: accepting jobs")
 
 
 __all__ = ["drain_command", "jobs_group", "submit_command", "undrain_command"]

@@ -6,20 +6,25 @@ import logging
 import signal
 import sys
 import threading
+import time
+from contextlib import ExitStack
+from datetime import datetime
 from types import FrameType
 
 import click
 from rich.live import Live
 
 from fleetctl.cli.common import common_options, err, out, settings
-from fleetctl.cli.tables import top_table
+from fleetctl.cli.keys import KeyReader, cbreak
+from fleetctl.cli.tables import TopData, TopScreen, top_frame
 from fleetctl.config import load_config
 from fleetctl.controller import Controller
 from fleetctl.errors import FleetError, UnknownAgentError
 from fleetctl.fleet import Fleet
-from fleetctl.frames import write_csv
+from fleetctl.frames import csv_text, write_csv
 from fleetctl.jobs.api import controller_lock
 from fleetctl.jobs.runner import JobRunner
+from fleetctl.metrics import parse_address, serve_metrics
 
 
 def _stop_on_signals() -> threading.Event:
@@ -34,10 +39,13 @@ def _stop_on_signals() -> threading.Event:
 
 @click.command("serve")
 @click.option("--no-jobs", is_flag=True, help="Only heartbeats: do not place, dispatch or collect jobs.")
+@click.option("--metrics", "metrics_at", metavar="HOST:PORT",
+              help="Serve Prometheus /metrics (dcgm-exporter names) on HOST:PORT; :PORT or PORT is 127.0.0.1. Off by default.")
 @common_options
-def serve_command(no_jobs: bool) -> None:
+def serve_command(no_jobs: bool, metrics_at: str | None) -> None:
     """Run the controller: every agent's heartbeat on its interval, history, health, and the job
     queue. Stops cleanly on SIGINT/SIGTERM."""
+    metrics_address = parse_address(metrics_at) if metrics_at is not None else None  # a typo fails before anything starts
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("paramiko").setLevel(logging.WARNING)  # one "Connected" line per reconnect is noise
     s = settings()
@@ -52,10 +60,96 @@ def serve_command(no_jobs: bool) -> None:
             runner.reconcile()
             tick = runner.tick
         controller = Controller(fleet, tick=tick)
+        metrics = None
+        if metrics_address is not None:
+            if not metrics_address.loopback:
+                err.print(f"fleetctl serve: warning: /metrics on {metrics_address.host} is unauthenticated; "
+                          "anyone who can reach it reads the fleet's state", markup=False)
+            # A snapshot older than three intervals (a minute at least) is not the present: no GPU values from it.
+            longest = max((controller.interval_of(a) for a in fleet.inventory), default=0.0)
+            metrics = serve_metrics(metrics_address, fleet.state_dir, agents=fleet.inventory.names,
+                                    max_age_s=max(60.0, 3 * longest))
+            err.print(f"fleetctl serve: metrics on {metrics.url}", markup=False)
         stop = _stop_on_signals()
         err.print(f"fleetctl serve: {len(fleet.inventory)} agents, state in {fleet.state_dir}; Ctrl-C to stop", markup=False)
-        controller.run_until(stop)
+        try:
+            controller.run_until(stop)
+        finally:
+            if metrics is not None:
+                metrics.stop()
     err.print(f"fleetctl serve: stopped after {controller.beats} heartbeats", markup=False)
+
+
+class _Rounds:
+    """Heartbeat rounds for ``top`` in a thread of their own, so that keys and the clock are served
+    while a round waits on a slow host. The latest round is handed over whole (one attribute write)."""
+
+    def __init__(self, fleet: Fleet, names: list[str] | None, period: float, stop: threading.Event) -> None:
+        self.fleet, self.names, self.period, self.stop = fleet, names, period, stop
+        self.latest: TopData | None = None
+        self.failure: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="fleetctl-top", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                self.latest = _take_round(self.fleet, self.names)
+                if self.stop.wait(self.period):
+                    return
+        except BaseException as exc:  # raised again in the main thread, which reports it
+            self.failure = exc
+            self.stop.set()
+
+
+def _take_round(fleet: Fleet, names: list[str] | None) -> TopData:
+    round_ = fleet.heartbeat(names)
+    health = fleet.health()
+    return TopData(round_, dict(zip(health["agent"], health["health"], strict=True)),
+                   frozenset(a for a, d in zip(health["agent"], health["draining"], strict=True) if d),
+                   datetime.now())
+
+
+def _live_top(fleet: Fleet, names: list[str] | None, period: float, stop: threading.Event) -> None:
+    """The full-screen view: redrawn on every key, every new round and every second (the clock)."""
+    rounds = _Rounds(fleet, names, period, stop)
+    screen = TopScreen()
+    keys = KeyReader(sys.stdin.fileno()) if sys.stdin.isatty() else None
+    try:
+        with ExitStack() as stack:
+            if keys is not None:
+                stack.enter_context(cbreak(keys.fd))
+            live = stack.enter_context(Live(screen, console=out, screen=True, auto_refresh=False,
+                                            redirect_stdout=False, redirect_stderr=False))
+            rounds.thread.start()
+            drawn: tuple[object, ...] = ()
+            while not stop.is_set():
+                screen.data, screen.now = rounds.latest, datetime.now()
+                # Drawn again only when something shows a change: a slow link is not flooded.
+                if drawn != (state := (id(screen.data), screen.now.second, screen.offset, out.size)):
+                    live.refresh()
+                    drawn = state
+                # Wake at the next second for the clock, and often enough to see a Ctrl-C (whose
+                # handler only sets `stop`, and select() goes on waiting after a signal).
+                wait = min(0.25, 1.0 - time.time() % 1.0)
+                pressed = keys.read(wait) if keys is not None else None
+                if pressed is None:
+                    stop.wait(wait)
+                    continue
+                for key in pressed:
+                    if key in QUIT_KEYS:
+                        stop.set()
+                    screen.scroll(key)
+    finally:
+        stop.set()
+        # In-flight commands fail at once, so the round thread ends before the fleet closes under it.
+        fleet.close_connections()
+        if rounds.thread.is_alive():
+            rounds.thread.join(timeout=10)
+    if rounds.failure is not None:
+        raise rounds.failure
+
+
+QUIT_KEYS = ("q", "Q", "esc", "\x03", "\x04")  # Ctrl-C and Ctrl-D too, should a terminal pass them as keys
 
 
 @click.command("top")
@@ -65,7 +159,8 @@ def serve_command(no_jobs: bool) -> None:
 @click.option("--once", is_flag=True, help="One round, print, exit (for scripts and logs).")
 @common_options
 def top_command(agents: tuple[str, ...], interval: float | None, once: bool) -> None:
-    """A live view of the fleet: one line per GPU with memory bar, utilization, temperature, power."""
+    """A live view of the fleet: one line per GPU with memory, utilization, temperature, power; failed
+    and offline hosts first. Keys: q or Esc quits, j/k or arrows scroll, space/b or PgDn/PgUp page."""
     s = settings()
     stop = _stop_on_signals()
     with Fleet(load_config(s.config_path), state_dir=s.state_path) as fleet:
@@ -74,13 +169,10 @@ def top_command(agents: tuple[str, ...], interval: float | None, once: bool) -> 
         if once or not out.is_terminal:
             # Not a terminal (a pipe, a log): print one frame per round instead of redrawing.
             while True:
-                out.print(top_table(fleet.heartbeat(names), fleet.health()))
+                out.print(top_frame(_take_round(fleet, names), datetime.now()))
                 if once or stop.wait(period):
                     return
-        with Live(top_table(fleet.heartbeat(names), fleet.health()), console=out, auto_refresh=False,
-                  screen=False) as live:
-            while not stop.wait(period):
-                live.update(top_table(fleet.heartbeat(names), fleet.health()), refresh=True)
+        _live_top(fleet, names, period, stop)
 
 
 @click.group("telemetry")
@@ -105,7 +197,7 @@ def export_command(csv_path: str, since: str | None, agents: tuple[str, ...]) ->
                                         hint="see `fleetctl agents list`")
         frame = fleet.history(since, list(agents) or None)
     if csv_path == "-":
-        frame.to_csv(sys.stdout, index=False)
+        sys.stdout.write(csv_text(frame))
         return
     write_csv(csv_path, frame)
     out.print(f"exported {len(frame)} rows to {csv_path}")

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from fleetctl.errors import JobError
+from fleetctl.errors import JobError, StoreError
 from fleetctl.jobs.model import JobRecord, JobResult, JobSpec, JobState
 from fleetctl.jobs.queue import JobQueue
 
@@ -27,6 +27,10 @@ if TYPE_CHECKING:
     from fleetctl.fleet import Fleet
 
 LOCK_NAME = "controller.lock"
+# A driver touches the lock file every tick; `jobs wait` lets go of the lock between its cycles, so
+# "live" is "the lock is held, or was used this recently".
+LIVE_S = 5.0
+NO_CONTROLLER = "no controller is driving the queue"
 
 
 @contextlib.contextmanager
@@ -34,9 +38,14 @@ def controller_lock(state_dir: Path, *, wait_s: float = 0.0) -> Iterator[bool]:
     """Yields True if this process now drives the queue, False if another still held the lock
     after ``wait_s`` seconds (a ``jobs wait`` holds it for one short cycle at a time; a ``serve``
     holds it for its lifetime)."""
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        handle = open(state_dir / LOCK_NAME, "a")  # noqa: SIM115 (closed by the with below)
+    except OSError as exc:  # a read-only or foreign state dir: one line, not `internal error: OSError`
+        raise StoreError(f"cannot take the controller lock in {state_dir}: {exc.strerror or exc}",
+                         hint="make the state dir writable, or pick another with --state-dir / FLEETCTL_STATE_DIR") from exc
     deadline = time.monotonic() + wait_s
-    with open(state_dir / LOCK_NAME, "a") as handle:
+    with handle:
         while True:
             try:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -50,6 +59,38 @@ def controller_lock(state_dir: Path, *, wait_s: float = 0.0) -> Iterator[bool]:
             yield True
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def mark_driving(state_dir: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.utime(state_dir / LOCK_NAME)
+
+
+def controller_live(state_dir: Path) -> bool:
+    """Is some process driving the queue now? Never blocks."""
+    try:
+        if time.time() - (state_dir / LOCK_NAME).stat().st_mtime < LIVE_S:
+            return True
+        with controller_lock(state_dir) as free:
+            return not free
+    except (OSError, StoreError):
+        return False  # no lock file (never driven) or a state dir we cannot use
+
+
+def no_controller_reason(job_id: str) -> str:
+    return f"{NO_CONTROLLER}: run `fleetctl serve` or `fleetctl jobs wait {job_id}`"
+
+
+def refresh_reasons(fleet: Fleet) -> bool:
+    """What a reader of the queue does when nobody drives it: every queued job says so. True if a
+    controller is live (its tick keeps the reasons current)."""
+    queue = JobQueue(fleet.store)
+    queued = queue.list(("queued",))
+    if not queued or controller_live(fleet.state_dir):
+        return True
+    for job in queued:
+        queue.set_reason(job.id, no_controller_reason(job.id))
+    return False
 
 
 def drive_once(fleet: Fleet) -> bool:
@@ -112,9 +153,12 @@ class Job:
         return cancel_job(self.fleet, self.id, force=force)
 
     def __repr__(self) -> str:
-        record = self.record
+        try:
+            record = self.record
+        except (StoreError, JobError):  # a repr never raises, even with the fleet closed
+            return f"<Job {self.id}>"
         where = f" on {record.agent}" if record.agent else ""
-        return f"<Job {self.id} {record.state}{where}>"
+        return f"<Job {self.id} {record.state}{where}, {record.spec.gpus} GPUs>"
 
     def _repr_html_(self) -> str:
         return str(jobs_frame([self.record]).to_html(index=False, na_rep=""))
@@ -131,7 +175,11 @@ def submit(fleet: Fleet, command: list[str] | str, **options: Any) -> Job:
         error = exc.errors()[0]
         field = ".".join(str(p) for p in error["loc"]) or "job"
         raise JobError(f"job {field}: {str(error['msg']).removeprefix('Value error, ')}") from None
-    return Job(fleet, JobQueue(fleet.store).submit(spec).id)
+    queue = JobQueue(fleet.store)
+    job = queue.submit(spec)
+    live = controller_live(fleet.state_dir)
+    queue.set_reason(job.id, "waiting for the controller's next tick" if live else no_controller_reason(job.id))
+    return Job(fleet, job.id)
 
 
 def cancel_job(fleet: Fleet, job_id: str, force: bool = False) -> JobRecord:
@@ -143,8 +191,11 @@ def cancel_job(fleet: Fleet, job_id: str, force: bool = False) -> JobRecord:
     job = queue.get(job_id)
     if job.done:
         raise JobError(f"job {job.id} already ended ({job.state})")
-    if queue.update(job.id, expect=("queued",), event="cancelled", state="cancelled", finished=time.time(),
-                    reason="cancelled before it started"):
+    if queue.finish(job.id, expect=("queued",), state="cancelled", reason="cancelled before it started"):
+        return queue.get(job.id)
+    if job.lost_provisionally and queue.finish(
+            job.id, expect=("lost",), state="cancelled",
+            reason="cancelled while its host was unreachable; a run there that still ends is reported as an event"):
         return queue.get(job.id)
     queue.update(job.id, cancel_requested=True, event="cancel_requested", detail="force" if force else None)
     if job.state == "running":

@@ -12,6 +12,8 @@ from fleetctl.durations import seconds_of
 from fleetctl.errors import ConfigError
 
 JobState = Literal["queued", "dispatching", "running", "succeeded", "failed", "cancelled", "timed_out", "lost"]
+# ``lost`` is final only once ``finished`` is set: until then it is provisional (the host may come
+# back with the result), see ``JobRecord.done``.
 FINAL_STATES: tuple[JobState, ...] = ("succeeded", "failed", "cancelled", "timed_out", "lost")
 ACTIVE_STATES: tuple[JobState, ...] = ("dispatching", "running")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -75,6 +77,15 @@ class JobResult(BaseModel):
     cancelled: bool = False
     attempt: int = 0
 
+    def __repr__(self) -> str:
+        # One line (the output and paths are in the fields): how it ended, and where.
+        if self.timed_out or self.cancelled:
+            end = "timed out" if self.timed_out else "cancelled"
+        else:
+            end = f"signal {self.signal}" if self.signal is not None else f"exit {self.exit_code}"
+        where = f" on {self.agent}" if self.agent else ""
+        return f"<JobResult {end}{where}, {len(self.gpus)} GPUs>"
+
 
 class JobRecord(BaseModel):
     """One row of the queue."""
@@ -97,6 +108,17 @@ class JobRecord(BaseModel):
     result: Optional[JobResult] = None
     cancel_requested: bool = False
 
+    def __repr__(self) -> str:
+        where = f" on {self.agent}" if self.agent else ""
+        name = f" {self.name!r}" if self.name else ""
+        return f"<JobRecord {self.id}{name} {self.state}{where}>"
+
+    @property
+    def lost_provisionally(self) -> bool:
+        """Lost with its host, but the run may still report back until ``lost_grace_s`` passes."""
+        return self.state == "lost" and self.finished is None
+
     @property
     def done(self) -> bool:
-        return self.state in FINAL_STATES
+        """Nothing about this job will change any more (waiters and ``--after`` children go on)."""
+        return self.state in FINAL_STATES and not self.lost_provisionally

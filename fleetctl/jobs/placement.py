@@ -3,12 +3,12 @@ health and drain flags, and the GPUs fleetctl jobs already hold."""
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fleetctl.config import Agent
 from fleetctl.jobs.model import JobSpec
+from fleetctl.labels import labels_match as _labels_match
 from fleetctl.telemetry import GpuSample, TelemetrySnapshot
 
 # A GPU no fleetctl job holds counts as used by someone else above these.
@@ -35,8 +35,7 @@ class Placement:
 
 
 def labels_match(spec: JobSpec, agent: Agent) -> bool:
-    return all(key in agent.labels and fnmatch.fnmatchcase(agent.labels[key], pattern)
-               for key, pattern in spec.labels.items())
+    return _labels_match(spec.labels, agent.labels)
 
 
 def _eligible(spec: JobSpec, agent: Agent) -> bool:
@@ -65,17 +64,67 @@ def free_gpus(spec: JobSpec, candidate: Candidate) -> list[GpuSample]:
     return free
 
 
+def rejection(spec: JobSpec, candidate: Candidate) -> str | None:
+    """Why this matching agent cannot take the job now (one short clause), or None if it can."""
+    name, snapshot = candidate.agent.name, candidate.snapshot
+    free = free_gpus(spec, candidate)
+    # An agent that would have room but is off or drained says so first: that is what to fix.
+    has_room = f"{name} has {len(free)} free but " if spec.gpus and len(free) >= spec.gpus else f"{name} "
+    if not candidate.online:
+        return has_room + "is not online"
+    if candidate.draining:
+        return has_room + "is draining"
+    if snapshot is None:
+        return f"{name} has not reported its GPUs yet"
+    if not snapshot.ok:
+        return f"{name}'s last heartbeat failed ({snapshot.status})"
+    if len(free) >= spec.gpus:
+        return None
+    return f"{name} has {len(free)} free of {len(snapshot.gpus)}" + _why_not_free(spec, candidate, snapshot)
+
+
+def _why_not_free(spec: JobSpec, candidate: Candidate, snapshot: TelemetrySnapshot) -> str:
+    held = busy = short = 0
+    for index, gpu in enumerate(snapshot.gpus):
+        if (gpu.index if gpu.index is not None else index) in candidate.held_gpus:
+            held += 1
+        elif not spec.allow_busy_gpus and is_foreign_busy(gpu):
+            busy += 1
+        elif spec.min_free_mem_mib is not None and (gpu.memory_free_mib or 0) < spec.min_free_mem_mib:
+            short += 1
+    parts = [f"{held} held by fleetctl jobs" if held else "", f"{busy} in use by other processes" if busy else "",
+             f"{short} with less than {spec.min_free_mem_mib:g} MiB free" if short else ""]
+    named = ", ".join(p for p in parts if p)
+    return f" ({named})" if named else ""
+
+
+def waiting_reason(spec: JobSpec, candidates: Sequence[Candidate], limit: int = 4) -> str:
+    """Why the job waits, naming what holds back each matching agent, e.g. ``waiting for 4 free
+    GPUs on agents matching gpu_type=a100*: gpu-3 has 4 free but is draining``."""
+    matching = ", ".join(f"{k}={v}" for k, v in spec.labels.items())
+    if spec.gpus:
+        wanted = f"{spec.gpus} free GPU{'s' if spec.gpus != 1 else ''}"
+        where = f" on {spec.agent}" if spec.agent else f" on agents matching {matching}" if matching else ""
+    else:
+        wanted = f"agent {spec.agent}" if spec.agent else f"an agent matching {matching}" if matching else "an agent"
+        where = ""
+    found = [r for r in (rejection(spec, c) for c in candidates if _eligible(spec, c.agent)) if r]
+    found.sort(key=lambda r: " but is " not in r)  # agents that only need undraining or to come back first
+    if not found:
+        return f"waiting for {wanted}{where}"
+    more = f"; and {len(found) - limit} more" if len(found) > limit else ""
+    return f"waiting for {wanted}{where}: {'; '.join(found[:limit])}{more}"
+
+
 def place(spec: JobSpec, candidates: Sequence[Candidate]) -> Placement | None:
-    """The least-loaded online, undrained, matching agent with enough free GPUs; None to wait."""
+    """The least-loaded online, undrained, matching agent with enough free GPUs; None to wait
+    (``waiting_reason`` says why)."""
     best: tuple[tuple[float, ...], Placement] | None = None
     for candidate in candidates:
-        if not candidate.online or candidate.draining or not _eligible(spec, candidate.agent):
+        if not _eligible(spec, candidate.agent) or rejection(spec, candidate) is not None:
             continue
-        if candidate.snapshot is None or not candidate.snapshot.ok:
-            continue
+        assert candidate.snapshot is not None  # rejection() refuses an agent without one
         free = free_gpus(spec, candidate)
-        if len(free) < spec.gpus:
-            continue
         load = candidate.snapshot.host.load_1m or 0.0
         key = (candidate.running_jobs, load, -len(free))
         if best is None or key < best[0]:

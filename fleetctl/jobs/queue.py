@@ -70,6 +70,78 @@ class JobQueue:
     def update(self, job_id: str, *, expect: Sequence[JobState] | None = None, event: str | None = None,
                detail: str | None = None, **fields: Any) -> bool:
         """Set ``fields`` if the job is in one of ``expect``; False (and nothing written) if not."""
+        return self._cas(job_id, expect, "", (), event, detail, fields)
+
+    # -- named transitions: each state change written once, as a compare-and-set ------------------
+    def claim(self, job_id: str, agent: str, gpus: builtins.list[str], attempt: int) -> bool:
+        """queued -> dispatching as ``attempt`` on ``agent``; False if someone else moved it first."""
+        return self._cas(job_id, ("queued",), "attempt = ?", (attempt - 1,), "dispatching", agent,
+                         {"state": "dispatching", "agent": agent, "gpus": gpus, "attempt": attempt,
+                          "dispatched": time.time(), "remote_dir": None, "reason": None})
+
+    def requeue(self, job_id: str, *, expect: Sequence[JobState], event: str, detail: str | None, reason: str | None,
+                keep_location: bool = False) -> bool:
+        """Back to ``queued``. ``keep_location`` keeps the last attempt's agent, GPUs and directory, so
+        that attempt can still be collected or resumed if its host comes back before a retry starts."""
+        fields: dict[str, Any] = {"state": "queued", "reason": reason}
+        if not keep_location:
+            fields.update(agent=None, gpus=[], remote_dir=None)
+        return self._cas(job_id, expect, "", (), event, detail, fields)
+
+    def mark_running(self, job_id: str, remote_dir: str, detail: str | None = None) -> bool:
+        return self._cas(job_id, ("dispatching",), "", (), "running", detail or remote_dir,
+                         {"state": "running", "remote_dir": remote_dir, "started": time.time()})
+
+    def resume(self, job_id: str, attempt: int, detail: str) -> bool:
+        """A requeued job whose lost attempt turned out to be still running: running again, no retry."""
+        return self._cas(job_id, ("queued",), "attempt = ? AND remote_dir IS NOT NULL", (attempt,), "resumed", detail,
+                         {"state": "running", "reason": None})
+
+    def lose(self, job_id: str, *, detail: str, reason: str) -> bool:
+        """Active -> ``lost``, provisionally: ``finished`` stays empty until the result comes back or
+        ``lost_grace_s`` passes (``finalize_lost``)."""
+        return self._cas(job_id, ("dispatching", "running"), "", (), "lost", detail,
+                         {"state": "lost", "finished": None, "reason": reason})
+
+    def finalize_lost(self, job_id: str, reason: str) -> bool:
+        return self._cas(job_id, ("lost",), "finished IS NULL", (), "lost_final", reason,
+                         {"finished": time.time(), "reason": reason})
+
+    def finish(self, job_id: str, *, expect: Sequence[JobState], state: JobState, reason: str,
+               result: JobResult | None = None, event: str | None = None, detail: str | None = None,
+               attempt: int | None = None, **location: Any) -> bool:
+        """To a final state. ``expect=("lost",)`` only takes a provisionally lost job; ``attempt``
+        guards against a newer attempt; ``location`` (agent, remote_dir, gpus) names the attempt that ended."""
+        guards, params = [], []
+        if "lost" in expect:
+            guards.append("(state != 'lost' OR finished IS NULL)")
+        if attempt is not None:
+            guards.append("attempt = ?")
+            params.append(attempt)
+        fields: dict[str, Any] = {"state": state, "reason": reason, **location}
+        if result is not None:
+            fields.update(result=result, exit_code=result.exit_code, signal=result.signal,
+                          finished=result.finished.timestamp() if result.finished else time.time())
+        else:
+            fields["finished"] = time.time()
+        return self._cas(job_id, expect, " AND ".join(guards), tuple(params), event or state, detail or reason, fields)
+
+    def set_reason(self, job_id: str, reason: str) -> bool:
+        """Why a queued job waits; written only when it changed, and no event (it is not a transition)."""
+        return self._cas(job_id, ("queued",), "reason IS NOT ?", (reason,), None, None, {"reason": reason})
+
+    def first_event(self, job_id: str, event: str, detail_prefix: str) -> float | None:
+        """When ``event`` was first recorded for this job with a detail starting ``detail_prefix``."""
+        rows = self.store.query("SELECT MIN(ts) AS ts FROM job_events WHERE job_id = ? AND event = ? "
+                                "AND substr(detail, 1, length(?)) = ?", (job_id, event, detail_prefix, detail_prefix))
+        return rows[0]["ts"] if rows else None
+
+    def lost_at(self, job_id: str) -> float | None:
+        rows = self.store.query("SELECT MAX(ts) AS ts FROM job_events WHERE job_id = ? AND event = 'lost'", (job_id,))
+        return rows[0]["ts"] if rows else None
+
+    def _cas(self, job_id: str, expect: Sequence[JobState] | None, guard: str, guard_params: tuple[Any, ...],
+             event: str | None, detail: str | None, fields: dict[str, Any]) -> bool:
         values = {k: _column_value(v) for k, v in fields.items()}
         values["updated"] = time.time()
         sql = f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in values)} WHERE id = ?"
@@ -77,6 +149,9 @@ class JobQueue:
         if expect:
             sql += f" AND state IN ({','.join('?' * len(expect))})"
             params.extend(expect)
+        if guard:
+            sql += f" AND {guard}"
+            params.extend(guard_params)
         with self.store.transaction() as db:
             changed = db.execute(sql, params).rowcount == 1
             if changed and event:

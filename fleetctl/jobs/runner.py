@@ -3,7 +3,9 @@ ones, sends cancels, resolves dependencies, then places and dispatches queued jo
 
 The remote directory is the truth: a restarted controller reconciles every ``dispatching`` job
 with it, and the launch step refuses a directory that was already started, so no job starts twice
-unless its retries ask for it."""
+unless its retries ask for it. A job whose host goes offline is ``lost`` provisionally (or requeued
+with its last attempt remembered): if that attempt reports back before a retry starts, its result is
+the job's and no retry runs. Directories of no current attempt are orphans, removed after a safety age."""
 
 from __future__ import annotations
 
@@ -20,11 +22,13 @@ from fleetctl.durations import utc
 from fleetctl.errors import FleetError, TransportError
 from fleetctl.fleet import Fleet
 from fleetctl.history import AgentStatus, agent_statuses
-from fleetctl.jobs.model import ACTIVE_STATES, FINAL_STATES, JobRecord, JobResult, JobState
-from fleetctl.jobs.placement import Candidate, never_satisfiable, place
+from fleetctl.jobs.api import mark_driving
+from fleetctl.jobs.model import ACTIVE_STATES, JobRecord, JobResult, JobState
+from fleetctl.jobs.placement import Candidate, never_satisfiable, place, waiting_reason
 from fleetctl.jobs.queue import JobQueue
 from fleetctl.jobs.remote import (
     LAUNCH_ALREADY_STARTED,
+    RemoteJobDir,
     cancel_command,
     dir_prefix,
     gpu_environment,
@@ -42,12 +46,21 @@ log = logging.getLogger("fleetctl.jobs")
 LOG_TAIL_BYTES = 10 * 1024 * 1024
 STARTING_GRACE_S = 120.0
 EXEC_RAN = ("ok", "no_gpus", "tool_missing", "driver_error")  # the heartbeat exec ran, so its job scan is valid
-_FAILPOINT = os.environ.get("FLEETCTL_FAILPOINT", "")  # test hook: die by SIGKILL at a named step
+_FAILPOINT = os.environ.get("FLEETCTL_FAILPOINT", "")  # test hook: die at a named step
 
 
-def _failpoint(name: str) -> None:
-    if name == _FAILPOINT:
+def _failpoint(name: str, conn: Connection | None = None) -> None:
+    """``after-upload``, ``after-launch``: SIGKILL. ``sigterm-after-mkdir``: SIGTERM to this process
+    (``serve`` stops), then go on once the stop has closed ``conn``, as a dispatch racing a real
+    SIGTERM would."""
+    if name != _FAILPOINT:
+        return
+    if not name.startswith("sigterm-"):
         os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while conn is not None and conn.is_open and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 class JobRunner:
@@ -58,7 +71,10 @@ class JobRunner:
 
     # -- the tick ----------------------------------------------------------------------------
     def tick(self) -> None:
+        mark_driving(self.fleet.state_dir)  # `jobs list` and `submit` tell a live controller by this
         statuses = agent_statuses(self.fleet.store)
+        # A launch whose answer was lost leaves its job ``dispatching``; settle it with the host.
+        self.reconcile({name for name, status in statuses.items() if status.health.state == "online"})
         self.observe(statuses)
         self.send_cancels()
         self.resolve_dependencies()
@@ -93,11 +109,37 @@ class JobRunner:
                 self._lose(job, f"the job's directory on {job.agent} disappeared")
             elif seen in ("new", "starting") and fresh and time.time() - job.started.timestamp() > STARTING_GRACE_S:  # type: ignore[union-attr]
                 self._lose(job, f"the job never started on {job.agent}")
+        self._observe_lost(statuses)
         self._observe_other_attempts(statuses)
 
+    def _observe_lost(self, statuses: dict[str, AgentStatus]) -> None:
+        """Provisionally lost jobs: back to running, collected, or finally lost once their host
+        answers again or ``lost_grace_s`` has passed."""
+        grace = self.fleet.settings.lost_grace_s
+        for job in self.queue.list(("lost",)):
+            if not job.lost_provisionally:
+                continue
+            since = self.queue.lost_at(job.id) or time.time()
+            status = statuses.get(job.agent or "")
+            snap = status.snapshot if status else None
+            back = (status is not None and status.health.state == "online" and snap is not None
+                    and snap.status in EXEC_RAN and snap.timestamp.timestamp() > since)
+            seen = snap.job_dirs.get(job.remote_dir) if back and snap and job.remote_dir else None
+            if back and job.remote_dir and seen == "done":
+                self.collect(job.id, job.agent or "", job.remote_dir, job.attempt)
+            elif back and job.remote_dir and seen == "running":
+                if self.queue.resume(job.id, job.attempt, f"attempt {job.attempt} on {job.agent} is still running"):
+                    log.warning("job %s: %s is back and the job still runs there", job.id, job.agent)
+            elif back and seen in (None, "vanished"):
+                gone = "vanished without a result" if seen else "is gone"
+                self.queue.finalize_lost(job.id, f"{job.reason}; back online, the run {gone}")
+            elif time.time() - since >= grace:
+                self.queue.finalize_lost(job.id, f"{job.reason}; no result within lost_grace_s ({grace:g}s)")
+
     def _observe_other_attempts(self, statuses: dict[str, AgentStatus]) -> None:
-        """Directories of attempts the queue no longer waits for: a lost run that finished after
-        all, a duplicate of a retried job, or leftovers of a collection interrupted by a crash."""
+        """Directories the active-job pass does not cover: the last attempt of a requeued job (its
+        result ends the job, no retry needed), a duplicate of a retried job, leftovers of a
+        collection interrupted by a crash, and orphans of an interrupted dispatch."""
         for name, status in statuses.items():
             snap = status.snapshot
             if snap is None or snap.status not in EXEC_RAN:
@@ -110,37 +152,76 @@ class JobRunner:
                     job = self.queue.get(found.job_id)
                 except FleetError:
                     continue  # not ours (another controller's state dir)
-                current = job.state in ACTIVE_STATES and job.attempt == found.attempt and job.remote_dir == path
-                if current or state in ("running", "starting", "new"):
-                    continue
-                collected = job.result is not None and job.result.agent == name and job.remote_dir == path
-                if state == "done" and not collected:
-                    self.collect(job.id, name, path, found.attempt)
-                else:
-                    self._remove(name, path)
+                self._other_attempt(job, found)
+
+    def _other_attempt(self, job: JobRecord, found: RemoteJobDir) -> None:
+        pointed = job.attempt == found.attempt and job.remote_dir == found.path  # the attempt the record names
+        if pointed and (job.state in ACTIVE_STATES or job.lost_provisionally):
+            return  # observe() and _observe_lost() own it
+        if job.state == "dispatching" and job.attempt == found.attempt:
+            return  # reconcile() owns it
+        if found.state == "done":
+            collected = (job.result is not None and job.result.agent == found.agent and job.result.attempt == found.attempt
+                         and job.remote_dir == found.path)
+            if collected:
+                self._remove(found.agent, found.path)  # a collection interrupted before its removal
+            else:
+                self.collect(job.id, found.agent, found.path, found.attempt)
+        elif found.state == "running":
+            if pointed and job.state == "queued" and self.queue.resume(
+                    job.id, job.attempt, f"attempt {job.attempt} on {found.agent} is still running; no retry needed"):
+                log.warning("job %s: its lost attempt still runs on %s; resumed instead of retried", job.id, found.agent)
+            # else a duplicate still running: collected and reported when it ends
+        elif found.state == "vanished":
+            self._remove_orphan(job, found, "its processes are gone and it left no result")
+        else:
+            self._age_orphan(job, found)
+
+    def _age_orphan(self, job: JobRecord, found: RemoteJobDir) -> None:
+        """A ``new`` or ``starting`` directory of no current attempt (a dispatch cut short by a crash or
+        a SIGTERM): nothing will launch it, but wait ``orphan_age_s`` in case a launch is in flight."""
+        first_seen = self.queue.first_event(job.id, "orphan_found", found.path)
+        age = self.fleet.settings.orphan_age_s
+        if first_seen is None:
+            self.queue.note(job.id, "orphan_found", f"{found.path} on {found.agent} ({found.state}, attempt "
+                            f"{found.attempt}): belongs to no current attempt; removed after {age:g}s")
+            first_seen = time.time()
+        if time.time() - first_seen >= age:
+            self._remove_orphan(job, found, f"{found.state}, never launched by a current attempt")
+
+    def _remove_orphan(self, job: JobRecord, found: RemoteJobDir, why: str) -> None:
+        if self._remove(found.agent, found.path):
+            self.queue.note(job.id, "orphan_removed", f"{found.path} on {found.agent} (attempt {found.attempt}): {why}")
+            log.info("job %s: removed orphan %s on %s (%s)", job.id, found.path, found.agent, why)
 
     def _lose(self, job: JobRecord, why: str) -> None:
         lost_before = sum(1 for _, event, _ in self.queue.events(job.id) if event == "lost")
         detail = f"attempt {job.attempt} on {job.agent} ({job.remote_dir}): {why}"
         if lost_before < job.spec.retries:
-            if self.queue.update(job.id, expect=ACTIVE_STATES, event="lost", detail=detail, state="queued", agent=None,
-                                 gpus=[], remote_dir=None, reason=f"requeued: {why}"):
+            # The attempt is remembered: if its host comes back with a result before a retry starts,
+            # that result is the job's and the retry never runs.
+            if self.queue.requeue(job.id, expect=ACTIVE_STATES, event="lost", detail=detail, reason=f"requeued: {why}",
+                                  keep_location=True):
                 log.warning("job %s: %s; requeued (retry %d of %d)", job.id, why, lost_before + 1, job.spec.retries)
-        elif self.queue.update(job.id, expect=ACTIVE_STATES, event="lost", detail=detail, state="lost",
-                               finished=time.time(), reason=why):
+        elif self.queue.lose(job.id, detail=f"{detail}; provisional for up to "
+                             f"{self.fleet.settings.lost_grace_s:g}s while its result may still come back", reason=why):
             log.warning("job %s lost: %s", job.id, why)
 
     # -- collection --------------------------------------------------------------------------
     def collect(self, job_id: str, agent_name: str, remote_dir: str, attempt: int) -> JobRecord | None:
         """Pull result, output, logs and declared outputs; record; remove the remote directory.
-        Idempotent: files are overwritten with the same bytes and the state change is a CAS."""
+        Idempotent: files are overwritten with the same bytes and the state change is a CAS.
+        The job's result is the first attempt that finished; any other is reported as a duplicate."""
         agent = self._agent(agent_name)
         if agent is None:
             return None
         job = self.queue.get(job_id)
-        is_current = job.remote_dir == remote_dir and job.state in ACTIVE_STATES
+        pointed = job.remote_dir == remote_dir and job.attempt == attempt
+        # A retry already running, and this earlier attempt finished first: its result is the job's.
+        earlier = job.state in ACTIVE_STATES and attempt < job.attempt and job.result is None
+        owner = earlier or (pointed and (job.state in ACTIVE_STATES or job.lost_provisionally or job.state == "queued"))
         local = self.results_dir / job.id
-        if not is_current and job.state != "lost":
+        if not owner:
             local = local / f"attempt-{attempt}"  # a duplicate run: keep it beside, not over, the result
         try:
             conn = self.fleet.connection(agent)
@@ -149,21 +230,34 @@ class JobRunner:
             log.warning("job %s: collecting from %s failed, will retry: %s", job.id, agent_name, one_line(str(exc)))
             return None
         state, reason = _final_state(job, result)
-        fields = {"result": result, "exit_code": result.exit_code, "signal": result.signal,
-                  "finished": result.finished.timestamp() if result.finished else time.time()}
-        if is_current:
-            self.queue.update(job.id, expect=ACTIVE_STATES, event=state, detail=reason, state=state, reason=reason, **fields)
-        elif job.state == "lost":
-            # The host came back and the run had finished after all: record its true result.
-            self.queue.update(job.id, expect=("lost",), event="late_result", detail=f"attempt {attempt} on {agent_name}: {reason}",
-                              state=state, reason=f"{reason} (collected after the job was marked lost)", agent=agent_name,
-                              remote_dir=remote_dir, **fields)
-        else:
-            self.queue.note(job.id, "duplicate", f"attempt {attempt} on {agent_name} also ran and ended: {reason}; "
-                            f"its files are in {local}")
-            log.warning("job %s: attempt %d on %s also ran (%s): the job ran twice", job.id, attempt, agent_name, reason)
+        where = f"attempt {attempt} on {agent_name}"
+        if not owner:
+            event = "late_result_ignored" if job.state == "lost" else "duplicate"
+            self.queue.note(job.id, event, f"{where} also ran and ended: {reason}; its files are in {local}")
+            log.warning("job %s: %s also ran (%s): the job ran twice", job.id, where, reason)
+        elif not self._record(job, state, reason, result, where, earlier, agent=agent_name, remote_dir=remote_dir):
+            return None  # the job moved on meanwhile: the next scan looks again
         self._remove(agent_name, remote_dir)
         return self.queue.get(job.id)
+
+    def _record(self, job: JobRecord, state: JobState, reason: str, result: JobResult, where: str, earlier: bool,
+                **location: str) -> bool:
+        if earlier:
+            done = self.queue.finish(job.id, expect=ACTIVE_STATES, attempt=job.attempt, state=state, result=result,
+                                     event="late_result", detail=f"{where} finished first: {reason}",
+                                     reason=f"{reason} ({where}, collected after a retry had started)", **location)
+            if done:
+                self.queue.note(job.id, "duplicate", f"attempt {job.attempt} on {job.agent} had already started; it runs "
+                                f"on and is reported when it ends")
+            return done
+        if job.state in ACTIVE_STATES:
+            return self.queue.finish(job.id, expect=ACTIVE_STATES, attempt=job.attempt, state=state, reason=reason,
+                                     result=result)
+        # The host came back and the run had finished after all: record its true result.
+        after = "marked lost" if job.state == "lost" else "requeued; no retry ran"
+        return self.queue.finish(job.id, expect=(job.state,), attempt=job.attempt, state=state, result=result,
+                                 event="late_result", detail=f"{where}: {reason}",
+                                 reason=f"{reason} (collected after the job was {after})", **location)
 
     def _pull(self, conn: Connection, job: JobRecord, agent_name: str, remote_dir: str, attempt: int,
               local: Path) -> JobResult:
@@ -203,14 +297,15 @@ class JobRunner:
                 result.outputs[declared] = str(target)
         return result
 
-    def _remove(self, agent_name: str, remote_dir: str) -> None:
+    def _remove(self, agent_name: str, remote_dir: str) -> bool:
         agent = self._agent(agent_name)
         if agent is None:
-            return
+            return False
         try:
-            self.fleet.connection(agent).run(remove_command(remote_dir), timeout=agent.command_timeout_s)
+            return self.fleet.connection(agent).run(remove_command(remote_dir), timeout=agent.command_timeout_s).ok
         except (TransportError, ValueError) as exc:
-            log.warning("could not remove %s on %s: %s", remote_dir, agent_name, exc)
+            log.warning("could not remove %s on %s: %s", remote_dir, agent_name, one_line(str(exc)))
+            return False
 
     # -- cancels, dependencies -----------------------------------------------------------------
     def send_cancels(self) -> None:
@@ -236,8 +331,8 @@ class JobRunner:
         for job in self.queue.list(("queued",)):
             for parent_id in job.spec.after:
                 parent = self.queue.get(parent_id)
-                if parent.state in FINAL_STATES and parent.state != "succeeded":
-                    self.queue.update(job.id, expect=("queued",), event="failed", state="failed", finished=time.time(),
+                if parent.done and parent.state != "succeeded":
+                    self.queue.finish(job.id, expect=("queued",), state="failed",
                                       reason=f"dependency {parent.id} ended {parent.state}; not run")
                     break
 
@@ -255,24 +350,26 @@ class JobRunner:
         return candidates
 
     def dispatch_queued(self, statuses: dict[str, AgentStatus]) -> list[str]:
+        """Place and dispatch what can run; give every job left queued its current reason."""
         dispatched = []
         for job in self.queue.list(("queued",)):
-            parents = [self.queue.get(p) for p in job.spec.after]
-            if any(p.state != "succeeded" for p in parents):
+            waiting = [p for p in (self.queue.get(p) for p in job.spec.after) if p.state != "succeeded"]
+            if waiting:
+                parent = waiting[0]
+                how = "lost for now; its host may come back" if parent.lost_provisionally else parent.state
+                self.queue.set_reason(job.id, f"waiting for dependency {parent.id} ({how})")
                 continue
             candidates = self._candidates(statuses)
             impossible = never_satisfiable(job.spec, candidates)
             if impossible:
-                self.queue.update(job.id, expect=("queued",), event="failed", state="failed", finished=time.time(),
-                                  reason=f"cannot be placed: {impossible}")
+                self.queue.finish(job.id, expect=("queued",), state="failed", reason=f"cannot be placed: {impossible}")
                 continue
             placement = place(job.spec, candidates)
             if placement is None:
+                self.queue.set_reason(job.id, waiting_reason(job.spec, candidates))
                 continue
             gpu_ids = [str(g.index) for g in placement.gpus]
-            if not self.queue.update(job.id, expect=("queued",), event="dispatching", detail=placement.agent,
-                                     state="dispatching", agent=placement.agent, gpus=gpu_ids, attempt=job.attempt + 1,
-                                     dispatched=time.time(), reason=None):
+            if not self.queue.claim(job.id, placement.agent, gpu_ids, job.attempt + 1):
                 continue
             # Snapshots do not change within a tick; GPUs this dispatch took are held in the queue,
             # which the next _candidates() reads.
@@ -285,20 +382,25 @@ class JobRunner:
         (not started anywhere) if the host cannot be reached before the launch."""
         agent = self._agent(job.agent)
         assert agent is not None
+        remote_dir = None
         try:
             conn = self.fleet.connection(agent)
             made = conn.run(make_dir_command(job.id, job.attempt, agent.name), timeout=agent.command_timeout_s)
-            remote_dir = made.stdout.strip()
-            if not made.ok or not remote_dir.startswith("/"):
+            if not made.ok or not made.stdout.strip().startswith("/"):
                 raise TransportError(f"mktemp -d failed on {agent.name}: {one_line(made.stderr) or made.exit_code}")
+            remote_dir = made.stdout.strip()
             self.queue.update(job.id, expect=("dispatching",), remote_dir=remote_dir)
-            return self._upload_and_launch(conn, agent, job, remote_dir, gpus)
+            _failpoint("sigterm-after-mkdir", conn)
+            self._upload(conn, job, remote_dir, gpus)
         except TransportError as exc:
-            self.queue.update(job.id, expect=("dispatching",), event="requeued", detail=one_line(str(exc)), state="queued",
-                              agent=None, gpus=[], remote_dir=None, reason=f"dispatch to {agent.name} failed: {one_line(str(exc))}")
+            if remote_dir is not None:
+                self._remove(agent.name, remote_dir)  # if this fails too, the orphan scan removes it later
+            self.queue.requeue(job.id, expect=("dispatching",), event="requeued", detail=one_line(str(exc)),
+                               reason=f"dispatch to {agent.name} failed: {one_line(str(exc))}")
             return False
+        return self._launch(conn, agent, job, remote_dir)
 
-    def _upload_and_launch(self, conn: Connection, agent: Agent, job: JobRecord, remote_dir: str, gpus: list[GpuSample]) -> bool:
+    def _upload(self, conn: Connection, job: JobRecord, remote_dir: str, gpus: list[GpuSample]) -> None:
         vendor = gpus[0].vendor if gpus else "nvidia"
         ids = [g.uuid if vendor == "nvidia" and g.uuid else str(g.index) for g in gpus]
         gpu_env = gpu_environment(vendor, ids) if gpus else {}
@@ -308,25 +410,34 @@ class JobRunner:
         conn.write_bytes(f"{remote_dir}/run.sh", wrapper_script(job.id, remote_dir, job.spec, gpu_env,
                                                                     self.fleet.settings.kill_grace_s).encode())
         _failpoint("after-upload")
-        launched = conn.run(launch_command(remote_dir), timeout=agent.command_timeout_s)
+
+    def _launch(self, conn: Connection, agent: Agent, job: JobRecord, remote_dir: str) -> bool:
+        try:
+            launched = conn.run(launch_command(remote_dir), timeout=agent.command_timeout_s)
+        except TransportError as exc:
+            # The launch may have run before the link broke, and only the directory knows: the job
+            # stays ``dispatching`` and reconcile() reads started/ (it never launches twice).
+            log.warning("job %s: launch on %s unconfirmed, reconciling later: %s", job.id, agent.name, one_line(str(exc)))
+            return False
         _failpoint("after-launch")
         if launched.ok or launched.exit_code == LAUNCH_ALREADY_STARTED:
-            self.queue.update(job.id, expect=("dispatching",), event="running", detail=remote_dir, state="running",
-                              started=time.time())
-            return True
-        self.queue.update(job.id, expect=("dispatching",), event="failed", state="failed", finished=time.time(),
+            return self.queue.mark_running(job.id, remote_dir)
+        self.queue.finish(job.id, expect=("dispatching",), state="failed",
                           reason=f"launch on {agent.name} failed: {one_line(launched.stderr) or launched.exit_code}")
         self._remove(agent.name, remote_dir)
         return False
 
     # -- restart -------------------------------------------------------------------------------
-    def reconcile(self) -> None:
-        """After a controller restart: settle every ``dispatching`` job with its host."""
+    def reconcile(self, agents: set[str] | None = None) -> None:
+        """Settle every ``dispatching`` job (of ``agents`` only, if given) with its host: after a
+        controller restart, or a launch whose answer never came."""
         for job in self.queue.list(("dispatching",)):
+            if agents is not None and job.agent not in agents:
+                continue
             agent = self._agent(job.agent)
             if agent is None:
-                self.queue.update(job.id, expect=("dispatching",), state="queued", agent=None, gpus=[], remote_dir=None,
-                                  event="requeued", detail="agent no longer in the inventory")
+                self.queue.requeue(job.id, expect=("dispatching",), event="requeued",
+                                   detail="agent no longer in the inventory", reason=None)
                 continue
             try:
                 self._reconcile_one(job, agent)
@@ -341,22 +452,21 @@ class JobRunner:
                  'printf "%s %s\\n" "$s" "$d"; done')
         found = conn.run("sh -c " + shlex.quote(probe), timeout=agent.command_timeout_s).stdout.split()
         if len(found) < 2:
-            self.queue.update(job.id, expect=("dispatching",), state="queued", agent=None, gpus=[], remote_dir=None,
-                              event="requeued", detail="controller restarted before the job directory existed")
+            self.queue.requeue(job.id, expect=("dispatching",), event="requeued", reason=None,
+                               detail="controller restarted before the job directory existed")
             return
         state, remote_dir = found[0], found[1]
         self.queue.update(job.id, expect=("dispatching",), remote_dir=remote_dir)
         if state == "partial":
             self._remove(agent.name, remote_dir)
-            self.queue.update(job.id, expect=("dispatching",), state="queued", agent=None, gpus=[], remote_dir=None,
-                              event="requeued", detail="controller restarted mid-upload")
+            self.queue.requeue(job.id, expect=("dispatching",), event="requeued", reason=None,
+                               detail="controller restarted mid-upload")
             return
         if state == "ready":
             launched = conn.run(launch_command(remote_dir), timeout=agent.command_timeout_s)
             if not (launched.ok or launched.exit_code == LAUNCH_ALREADY_STARTED):
                 return
-        self.queue.update(job.id, expect=("dispatching",), event="running", detail=f"{remote_dir} (reconciled)",
-                          state="running", started=time.time())
+        self.queue.mark_running(job.id, remote_dir, f"{remote_dir} (reconciled)")
 
 
 def _final_state(job: JobRecord, result: JobResult) -> tuple[JobState, str]:

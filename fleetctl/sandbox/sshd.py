@@ -8,7 +8,7 @@ import shutil
 import signal
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fleetctl.errors import SandboxError
@@ -48,6 +48,8 @@ class SshdSpec:
     path_dirs: list[Path]
     environment: dict[str, str]
     allow_forwarding: bool = False
+    extra_host_keys: list[Path] = field(default_factory=list)  # a host serving several key types
+    extra_config: list[str] = field(default_factory=list)  # e.g. TrustedUserCAKeys for certificate tests
 
 
 def render_config(spec: SshdSpec) -> str:
@@ -55,6 +57,7 @@ def render_config(spec: SshdSpec) -> str:
     env = " ".join(f"{k}={v}" for k, v in {"PATH": path, **spec.environment}.items())
     lines = [f"ListenAddress {_listen(a, p)}" for a, p in spec.listen] + [
         f"HostKey {spec.host_key}",
+        *(f"HostKey {key}" for key in spec.extra_host_keys),
         "PidFile none",
         f"AuthorizedKeysFile {spec.authorized_keys}",
         # The sandbox dir lives wherever the user asked; sshd's ownership checks would refuse it.
@@ -71,6 +74,7 @@ def render_config(spec: SshdSpec) -> str:
         "MaxSessions 100",
         "LogLevel INFO",
         f"SetEnv {env}",
+        *spec.extra_config,
     ]
     return "\n".join(lines) + "\n"
 
@@ -100,9 +104,8 @@ def start(spec: SshdSpec, workdir: Path, prefix: list[str], timeout: float = 10.
     raise SandboxError(f"sshd for {spec.name} did not start listening within {timeout:g}s", hint=f"see {log}")
 
 
-def _sshd_descendants(root: int) -> list[int]:
-    """sshd processes below ``root``: each connection's handler calls setsid(), so signalling the
-    listener's group alone would leave established sessions running."""
+def _process_table() -> tuple[dict[int, list[int]], dict[int, str]]:
+    """children by parent PID, and each PID's command name, from one scan of /proc."""
     children: dict[int, list[int]] = {}
     names: dict[int, str] = {}
     for entry in Path("/proc").iterdir():
@@ -116,6 +119,13 @@ def _sshd_descendants(root: int) -> list[int]:
         parent = int(stat[stat.rindex(")") + 2 :].split()[1])
         children.setdefault(parent, []).append(int(entry.name))
         names[int(entry.name)] = name
+    return children, names
+
+
+def _sshd_descendants(root: int, table: tuple[dict[int, list[int]], dict[int, str]] | None = None) -> list[int]:
+    """sshd processes below ``root``: each connection's handler calls setsid(), so signalling the
+    listener's group alone would leave established sessions running."""
+    children, names = table or _process_table()
     found, stack = [], [root]
     while stack:
         for child in children.get(stack.pop(), []):
@@ -134,26 +144,53 @@ def _signal(pid: int, sig: int) -> None:
             os.kill(pid, sig)
 
 
-def stop(pid: int, grace: float = 3.0) -> None:
-    """SIGTERM to the sshd and its connections, SIGKILL after ``grace`` s; gone already is fine.
-    Programs started over SSH are left running, as they would be on a real host."""
-    connections = _sshd_descendants(pid)
-    _signal(pid, signal.SIGTERM)
-    for child in connections:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(child, signal.SIGKILL)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
+def running(pid: int) -> bool:
+    """Whether ``pid`` still runs. Our own child is reaped here; any other process counts as gone
+    once it is a zombie: an sshd left by an earlier ``sandbox up`` has init (or nobody) as its
+    parent, may never be reaped, and ``os.kill(pid, 0)`` succeeds on a zombie."""
+    try:
+        finished, _ = os.waitpid(pid, os.WNOHANG)
+        return not finished
+    except ChildProcessError:
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc to read: fall back to existence, which a zombie passes
         try:
-            finished, _ = os.waitpid(pid, os.WNOHANG)
-            if finished:
-                return
-        except ChildProcessError:  # not our child (started by another CLI call): poll for existence
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    return stat[stat.rindex(")") + 2 :].split()[0] not in ("Z", "X")
+
+
+def stop_all(pids: list[int], grace: float = 3.0) -> None:
+    """SIGTERM to every sshd and its connections at once, then one shared wait, then SIGKILL for
+    any left after ``grace`` s; gone already is fine. So 50 hosts stop in about the time of one.
+    Programs started over SSH are left running, as they would be on a real host."""
+    table = _process_table()
+    for pid in pids:
+        connections = _sshd_descendants(pid, table)
+        _signal(pid, signal.SIGTERM)
+        for child in connections:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+    left = list(pids)
+    deadline = time.monotonic() + grace
+    while True:
+        left = [pid for pid in left if running(pid)]
+        if not left or time.monotonic() >= deadline:
+            break
         time.sleep(0.02)
-    _signal(pid, signal.SIGKILL)
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, 0)
+    for pid in left:
+        _signal(pid, signal.SIGKILL)
+    for pid in left:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+
+def stop(pid: int, grace: float = 3.0) -> None:
+    """Stop one sshd as :func:`stop_all` does."""
+    stop_all([pid], grace)

@@ -1,14 +1,22 @@
-"""SSH, and only SSH: the one package that imports paramiko.
+"""SSH, and only SSH: the one package that imports paramiko. A newcomer's map:
 
+    resolve.py      where a host is and how to log in: ssh_config via `ssh -G` (or config_file.py's subset)
+    config_file.py  ssh_config read like OpenSSH's readconf.c, with file:line provenance
     connection.py   connect along a route (bastions, ProxyCommand); run / read / write / close
-    known_hosts.py  known_hosts files read as OpenSSH reads them; trust on first use
+    auth.py         which keys are offered, in OpenSSH's order: agent, IdentityFile, certificates
+    hostkeys.py     judging a host key: pin, known_hosts, StrictHostKeyChecking, trust on first use
+    known_hosts.py  known_hosts files read as OpenSSH reads them; fleetctl's own TOFU file
+    proxy.py        ProxyCommand as the first hop's transport
+    errors.py       the one table that turns paramiko/socket errors into fleetctl's
 
 Nothing here knows about GPUs, jobs or the store; policy (timeouts as health, retries,
 concurrency) lives above.
 """
 
-from fleetctl.ssh.connection import ConnectOptions, HostKeyPolicy, SSHConnection, connect, lookup_ssh_config
+from fleetctl.ssh.connection import ConnectOptions, SSHConnection, connect, probe_host_key
+from fleetctl.ssh.hostkeys import HostKeyPolicy
 from fleetctl.ssh.known_hosts import KnownHosts, fingerprint
+from fleetctl.ssh.resolve import Resolved, SshConfigResolver, SshOptions
 
-__all__ = ["ConnectOptions", "HostKeyPolicy", "KnownHosts", "SSHConnection", "connect", "fingerprint",
-           "lookup_ssh_config"]
+__all__ = ["ConnectOptions", "HostKeyPolicy", "KnownHosts", "Resolved", "SSHConnection", "SshConfigResolver",
+           "SshOptions", "connect", "fingerprint", "probe_host_key"]

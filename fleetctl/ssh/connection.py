@@ -1,13 +1,12 @@
-"""The only module that knows paramiko: connect along a route, run, transfer, close.
-
-Policy (what a timeout means for a host's health, retries, concurrency) lives above this module;
-here every paramiko and socket failure is translated once into the fleetctl exception tree.
+"""A live SSH connection along a route: bastions crossed with direct-tcpip channels, the first hop
+over TCP or a ProxyCommand; then run / read / write / close. Every vendor error is translated by
+:mod:`fleetctl.ssh.errors`; host keys are judged by :mod:`fleetctl.ssh.hostkeys`, keys offered by
+:mod:`fleetctl.ssh.auth`. Policy (what a timeout means for health, retries) lives above.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import threading
 import time
@@ -16,21 +15,16 @@ from pathlib import Path
 
 import paramiko
 
-from fleetctl.errors import (
-    AuthError,
-    CommandTimeout,
-    ConnectionLost,
-    ConnectTimeout,
-    HostKeyError,
-    OutputTooLarge,
-    TransportError,
-    UnreachableError,
-)
-from fleetctl.ssh.known_hosts import KnownHosts, KnownKey, fingerprint, host_id
+from fleetctl.errors import CommandTimeout, ConnectionLost, OutputTooLarge, TransportError, UnreachableError
+from fleetctl.ssh.auth import authenticate
+from fleetctl.ssh.errors import quiet_paramiko, translated
+from fleetctl.ssh.hostkeys import HostKeyPolicy, preferred_algorithms, verify
+from fleetctl.ssh.known_hosts import fingerprint
+from fleetctl.ssh.proxy import ProxyProcess
 from fleetctl.transport import MAX_STDERR, MAX_STDOUT, CommandResult, Hop, HostKeySeen, Route
 
-DEFAULT_IDENTITIES = ("id_ed25519", "id_ecdsa", "id_rsa")
 _READ_CHUNK = 1 << 16
+quiet_paramiko()
 
 
 class _Transport(paramiko.Transport):  # type: ignore[misc]
@@ -45,180 +39,43 @@ class _Transport(paramiko.Transport):  # type: ignore[misc]
 
 
 @dataclass
-class HostKeyPolicy:
-    """How offered host keys are judged: pinned fingerprint, else known_hosts with TOFU."""
-
-    known_hosts: KnownHosts | None = None
-    accept_any: bool = False  # --insecure-accept-any-host-key; never the default
-
-
-@dataclass
 class ConnectOptions:
     host_keys: HostKeyPolicy = field(default_factory=HostKeyPolicy)
     use_agent: bool = True
     keepalive_s: int = 0
 
 
-# Loaded private keys by (path, mtime): a reconnect must not re-read and re-parse the file.
-_key_cache: dict[tuple[str, int], paramiko.PKey] = {}
-_key_cache_lock = threading.Lock()
-
-
-def _load_key(path: str, hop: Hop, is_bastion: bool) -> paramiko.PKey | None:
-    """The key at ``path``, or None when it is passphrase-protected (the agent may hold it)."""
-    expanded = os.path.expanduser(path)
-    try:
-        stamp = os.stat(expanded).st_mtime_ns
-    except FileNotFoundError:
-        raise AuthError(f"key file {path} not found (for {hop.address})", hop=hop.address,
-                        is_bastion=is_bastion, hint="check ssh_key_path / --key") from None
-    except OSError as exc:
-        raise AuthError(f"cannot read key file {path}: {exc.strerror}", hop=hop.address,
-                        is_bastion=is_bastion) from None
-    with _key_cache_lock:
-        cached = _key_cache.get((expanded, stamp))
-    if cached is not None:
-        return cached
-    try:
-        key = paramiko.PKey.from_path(expanded)
-    except (paramiko.PasswordRequiredException, TypeError):
-        return None
-    except (paramiko.SSHException, ValueError, OSError) as exc:
-        raise AuthError(f"cannot use key file {path}: {exc}", hop=hop.address, is_bastion=is_bastion,
-                        hint="use an OpenSSH ed25519, ecdsa or rsa private key") from None
-    with _key_cache_lock:
-        _key_cache[(expanded, stamp)] = key
-    return key
-
-
-def _agent_keys(options: ConnectOptions) -> list[paramiko.PKey]:
-    if not options.use_agent or not os.environ.get("SSH_AUTH_SOCK"):
-        return []
-    try:
-        return list(paramiko.Agent().get_keys())
-    except (paramiko.SSHException, OSError):
-        return []
-
-
-def _authenticate(transport: paramiko.Transport, hop: Hop, is_bastion: bool, options: ConnectOptions) -> None:
-    candidates: list[paramiko.PKey] = []
-    locked_key: str | None = None
-    paths = [hop.key_path] if hop.key_path else [
-        str(Path.home() / ".ssh" / name) for name in DEFAULT_IDENTITIES
-        if (Path.home() / ".ssh" / name).exists()
-    ]
-    for path in paths:
-        key = _load_key(path, hop, is_bastion)
-        if key is None:
-            locked_key = path
+def _tcp_socket(hop: Hop, timeout: float, is_bastion: bool) -> socket.socket:
+    family = {"inet": socket.AF_INET, "inet6": socket.AF_INET6}.get(hop.address_family, 0)
+    with translated("connect", f"cannot reach {hop.address}", hop=hop.address, is_bastion=is_bastion,
+                    hostname=hop.hostname, timeout=timeout):
+        if family:
+            info = socket.getaddrinfo(hop.hostname, hop.port, family, socket.SOCK_STREAM)
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            if hop.bind_address:
+                sock.bind((hop.bind_address, 0))
+            sock.connect(info[0][4])
         else:
-            candidates.append(key)
-    candidates.extend(_agent_keys(options))
-    if not candidates:
-        if locked_key:
-            raise AuthError(
-                f"key {locked_key} is passphrase-protected and no ssh-agent offers it (for {hop.address})",
-                hop=hop.address, is_bastion=is_bastion, hint=f"run `ssh-add {locked_key}` first",
-            )
-        raise AuthError(f"no SSH key to offer {hop.address}", hop=hop.address, is_bastion=is_bastion,
-                        hint="pass --key or set ssh_key_path")
-    for key in candidates:
-        try:
-            transport.auth_publickey(hop.user, key)
-            return
-        except paramiko.BadAuthenticationType:
-            raise AuthError(f"{hop.address} does not accept public-key login", hop=hop.address,
-                            is_bastion=is_bastion, hint="enable PubkeyAuthentication on the host") from None
-        except paramiko.AuthenticationException:
-            continue
-        except (paramiko.SSHException, EOFError, OSError) as exc:
-            raise UnreachableError(f"{hop.address} closed the connection during login: {exc or 'EOF'}",
-                                   hop=hop.address, is_bastion=is_bastion) from None
-    shown = hop.key_path or "the default keys and ssh-agent"
-    raise AuthError(f"{hop.address} refused {shown}", hop=hop.address, is_bastion=is_bastion,
-                    hint="add the public key to the host's authorized_keys or pass the right --key")
-
-
-def _verify_host_key(transport: paramiko.Transport, hop: Hop, is_bastion: bool,
-                     policy: HostKeyPolicy) -> HostKeySeen:
-    key = transport.get_remote_server_key()
-    blob = key.asbytes()
-    offered = fingerprint(blob)
-    seen = HostKeySeen(hop.address, key.get_name(), offered, None)
-    if hop.fingerprint:
-        if offered != hop.fingerprint:
-            raise HostKeyError(
-                f"host key of {hop.address} changed: expected {hop.fingerprint}, offered {offered}",
-                hop=hop.address, expected=hop.fingerprint, offered=offered, is_bastion=is_bastion,
-                hint="if the host was rebuilt on purpose, re-register it; otherwise suspect interception",
-            )
-        return seen
-    if policy.accept_any or policy.known_hosts is None:
-        return seen
-    name = host_id(hop.hostname, hop.port)
-    known = policy.known_hosts.lookup(name)
-    if not known:
-        policy.known_hosts.record(name, KnownKey(key.get_name(), blob))
-    elif not any(k.blob == blob for k in known):
-        expected = known[0].fingerprint
-        raise HostKeyError(
-            f"host key of {hop.address} changed: expected {expected}, offered {offered}",
-            hop=hop.address, expected=expected, offered=offered, is_bastion=is_bastion,
-            hint=f"if expected, remove {name} from {policy.known_hosts.path}; otherwise suspect interception",
-        )
-    return seen
-
-
-def _tcp_socket(hop: Hop, timeout: float) -> socket.socket:
-    try:
-        sock = socket.create_connection((hop.hostname, hop.port), timeout=timeout)
-    except socket.gaierror as exc:
-        raise UnreachableError(f"cannot resolve {hop.hostname}: {exc.strerror}", hop=hop.address,
-                               hint="check the hostname") from None
-    except TimeoutError:
-        raise ConnectTimeout(f"no answer from {hop.address} within {timeout:g}s", hop=hop.address,
-                             hint="is the host up and the port open? raise connect_timeout_s for slow links") from None
-    except ConnectionRefusedError:
-        raise UnreachableError(f"connection refused by {hop.address}", hop=hop.address,
-                               hint="is sshd running on that port?") from None
-    except OSError as exc:
-        raise UnreachableError(f"cannot reach {hop.address}: {exc.strerror or exc}", hop=hop.address) from None
+            source = (hop.bind_address, 0) if hop.bind_address else None
+            sock = socket.create_connection((hop.hostname, hop.port), timeout=timeout, source_address=source)
     # Without TCP_NODELAY, Nagle plus delayed ACK stalls each back-to-back exec by ~40 ms.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
-
-
-def _channel_through(outer: paramiko.Transport, via: Hop, hop: Hop, is_bastion: bool,
-                     timeout: float) -> paramiko.Channel:
-    try:
-        return outer.open_channel("direct-tcpip", (hop.hostname, hop.port), ("127.0.0.1", 0), timeout=timeout)
-    except paramiko.ChannelException as exc:
-        reason = exc.text or "connect failed"
-        hint = ("the bastion forbids forwarding: set AllowTcpForwarding yes there"
-                if exc.code == 1 else "is the host up and reachable from the bastion?")
-        raise UnreachableError(f"bastion {via.address} could not reach {hop.address}: {reason}",
-                               hop=hop.address, is_bastion=is_bastion, hint=hint) from None
-    except paramiko.SSHException as exc:
-        if "Timeout" in str(exc):
-            raise ConnectTimeout(f"bastion {via.address} got no answer from {hop.address} within {timeout:g}s",
-                                 hop=hop.address, is_bastion=is_bastion) from None
-        raise UnreachableError(f"bastion {via.address} dropped the tunnel to {hop.address}: {exc}",
-                               hop=via.address, is_bastion=True) from None
-    except (EOFError, OSError) as exc:
-        raise UnreachableError(f"bastion {via.address} closed the connection: {exc or 'EOF'}",
-                               hop=via.address, is_bastion=True) from None
 
 
 class SSHConnection:
     """A live connection to one host, through zero or more bastions. Safe to reuse; not thread-safe
     for concurrent commands (the heartbeat pool gives each host one worker at a time)."""
 
-    def __init__(self, route: Route, options: ConnectOptions | None = None) -> None:
+    def __init__(self, route: Route, options: ConnectOptions | None = None, *, probe: bool = False) -> None:
         self.route = route
+        self._probe = probe  # stop after the target's handshake: its key is read, not judged
         self.options = options or ConnectOptions()
         self.host_keys: list[HostKeySeen] = []
         self._transports: list[paramiko.Transport] = []
         self._raw_socket: socket.socket | None = None
+        self._proxy: ProxyProcess | None = None
         self._sftp: paramiko.SFTPClient | None = None
         try:
             self._open()
@@ -226,37 +83,76 @@ class SSHConnection:
             self.close()
             raise
 
+    def _first_socket(self, hop: Hop, timeout: float, is_bastion: bool) -> tuple[socket.socket, str | None]:
+        if hop.proxy_command:
+            self._proxy = ProxyProcess(hop, timeout)
+            return self._proxy.socket, None
+        sock = _tcp_socket(hop, timeout, is_bastion)
+        self._raw_socket = sock
+        return sock, sock.getpeername()[0]
+
     def _open(self) -> None:
         timeout = self.route.connect_timeout
         last = len(self.route.hops) - 1
         for index, hop in enumerate(self.route.hops):
             is_bastion = index < last
+            deadline = time.monotonic() + timeout
             peer_ip: str | None = None
             if index == 0:
-                self._raw_socket = sock = _tcp_socket(hop, timeout)
-                peer_ip = sock.getpeername()[0]
+                sock, peer_ip = self._first_socket(hop, timeout, is_bastion)
                 transport = _Transport(sock)
             else:
-                channel = _channel_through(self._transports[-1], self.route.hops[index - 1], hop,
-                                           is_bastion, timeout)
+                via = self.route.hops[index - 1]
+                channel = self._tunnel(via, hop, is_bastion, deadline, timeout)
                 transport = _Transport(channel)
             self._transports.append(transport)
             transport.banner_timeout = timeout
             transport.auth_timeout = timeout
-            try:
-                transport.start_client(timeout=timeout)
-            except (paramiko.SSHException, EOFError, OSError) as exc:
-                if "timeout" in str(exc).lower():
-                    raise ConnectTimeout(f"SSH handshake with {hop.address} timed out after {timeout:g}s",
-                                         hop=hop.address, is_bastion=is_bastion) from None
-                raise UnreachableError(f"SSH handshake with {hop.address} failed: {exc or 'connection closed'}",
+            options = transport.get_security_options()
+            options.key_types = preferred_algorithms(hop, self.options.host_keys, tuple(options.key_types))
+            self._handshake(transport, hop, is_bastion, deadline)
+            key = transport.get_remote_server_key()
+            if self._probe and not is_bastion:
+                self.host_keys.append(HostKeySeen(hop.address, key.get_name(), fingerprint(key.asbytes()), peer_ip,
+                                                  key_blob=key.asbytes()))
+                return
+            verdict = verify(hop, key.get_name(), key.asbytes(), self.options.host_keys, is_bastion=is_bastion)
+            with translated("connect", f"{hop.address} closed the connection during login", hop=hop.address,
+                            is_bastion=is_bastion, deadline=deadline):
+                identity = authenticate(transport, hop, is_bastion, use_agent=self.options.use_agent)
+            self.host_keys.append(HostKeySeen(hop.address, key.get_name(), fingerprint(key.asbytes()), peer_ip,
+                                              verdict, identity))
+            keepalive = hop.keepalive_s or self.options.keepalive_s
+            if keepalive:
+                transport.set_keepalive(keepalive)
+
+    def _tunnel(self, via: Hop, hop: Hop, is_bastion: bool, deadline: float, timeout: float) -> paramiko.Channel:
+        try:
+            with translated("tunnel", f"bastion {via.address} could not reach {hop.address}", hop=hop.address,
+                            is_bastion=is_bastion, deadline=deadline, timeout=timeout,
+                            hint="is the host up and reachable from the bastion?"):
+                return self._transports[-1].open_channel("direct-tcpip", (hop.hostname, hop.port), ("127.0.0.1", 0),
+                                                         timeout=timeout)
+        except UnreachableError as exc:
+            cause = exc.__cause__
+            # SSH_OPEN_ADMINISTRATIVELY_PROHIBITED: sshd's AllowTcpForwarding (or PermitOpen) says no.
+            if isinstance(cause, paramiko.ChannelException) and cause.code == 1:
+                raise UnreachableError(f"bastion {via.address} refuses to forward to {hop.address}", hop=via.address,
+                                       is_bastion=True, hint="set AllowTcpForwarding yes on the bastion") from cause
+            raise
+
+    def _handshake(self, transport: paramiko.Transport, hop: Hop, is_bastion: bool, deadline: float) -> None:
+        try:
+            with translated("connect", f"SSH handshake with {hop.address} failed", hop=hop.address,
+                            is_bastion=is_bastion, deadline=deadline, timeout=self.route.connect_timeout,
+                            hint="is it an SSH server on that port?"):
+                transport.start_client(timeout=max(0.1, deadline - time.monotonic()))
+        except TransportError as exc:
+            if self._proxy is not None and len(self._transports) == 1:
+                raise UnreachableError(f"SSH handshake with {hop.address} failed: {self._proxy.failure()}",
                                        hop=hop.address, is_bastion=is_bastion,
-                                       hint="is it an SSH server on that port?") from None
-            seen = _verify_host_key(transport, hop, is_bastion, self.options.host_keys)
-            self.host_keys.append(HostKeySeen(seen.address, seen.key_type, seen.fingerprint, peer_ip))
-            _authenticate(transport, hop, is_bastion, self.options)
-            if self.options.keepalive_s:
-                transport.set_keepalive(self.options.keepalive_s)
+                                       hint="run the ProxyCommand by hand to see why") from exc
+            raise
 
     @property
     def is_open(self) -> bool:
@@ -280,8 +176,8 @@ class SSHConnection:
         try:
             channel = target.open_session(timeout=max(deadline - time.monotonic(), 0.1))
             channel.exec_command(command)
-        except (paramiko.SSHException, EOFError, OSError):
-            raise self._lost("starting a command") from None
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            raise self._lost("starting a command") from exc
         stdout, stderr = bytearray(), bytearray()
         try:
             # Both buffers set one event on data and on close. Cheaper than channel.fileno(),
@@ -332,49 +228,36 @@ class SSHConnection:
 
     def _sftp_client(self) -> paramiko.SFTPClient:
         if self._sftp is None:
-            try:
+            target = self.route.target.address
+            if not self.is_open:  # closed under us (serve stopping): an error of ours, not an IndexError
+                raise self._lost("opening SFTP")
+            with translated("command", f"SFTP unavailable on {target}", hop=target,
+                            hint="enable the sftp subsystem in sshd"):
                 self._sftp = self._transports[-1].open_sftp_client()
-            except (paramiko.SSHException, EOFError, OSError) as exc:
-                raise TransportError(f"SFTP unavailable on {self.route.target.address}: {exc}",
-                                     hop=self.route.target.address, hint="enable the sftp subsystem in sshd") from None
             if self._sftp is None:
-                raise TransportError(f"SFTP unavailable on {self.route.target.address}", hop=self.route.target.address)
+                raise TransportError(f"SFTP unavailable on {target}", hop=target, hint="enable the sftp subsystem in sshd")
         return self._sftp
 
     def write_bytes(self, remote_path: str, data: bytes) -> None:
-        try:
-            with self._sftp_client().open(remote_path, "wb") as handle:
-                handle.write(data)
-        except OSError as exc:
-            raise TransportError(f"cannot write {remote_path} on {self.route.target.address}: {exc}",
-                                 hop=self.route.target.address) from None
-        except (paramiko.SSHException, EOFError):
-            raise self._lost(f"writing {remote_path}") from None
+        target = self.route.target.address
+        with translated("file", f"cannot write {remote_path} on {target}", hop=target), self._sftp_client().open(remote_path, "wb") as handle:
+            handle.write(data)
 
     def read_bytes(self, remote_path: str, *, max_bytes: int | None = None) -> bytes:
         """The file's content; with ``max_bytes``, only its last ``max_bytes`` bytes."""
-        try:
-            with self._sftp_client().open(remote_path, "rb") as handle:
-                if max_bytes is not None:
-                    size = handle.stat().st_size or 0
-                    if size > max_bytes:
-                        handle.seek(size - max_bytes)
-                handle.prefetch()
-                return bytes(handle.read())
-        except OSError as exc:
-            raise TransportError(f"cannot read {remote_path} on {self.route.target.address}: {exc}",
-                                 hop=self.route.target.address) from None
-        except (paramiko.SSHException, EOFError):
-            raise self._lost(f"reading {remote_path}") from None
+        target = self.route.target.address
+        with translated("file", f"cannot read {remote_path} on {target}", hop=target), self._sftp_client().open(remote_path, "rb") as handle:
+            if max_bytes is not None:
+                size = handle.stat().st_size or 0
+                if size > max_bytes:
+                    handle.seek(size - max_bytes)
+            handle.prefetch()
+            return bytes(handle.read())
 
     def get(self, remote_path: str, local_path: Path) -> None:
-        try:
+        target = self.route.target.address
+        with translated("file", f"cannot fetch {remote_path} from {target}", hop=target):
             self._sftp_client().get(remote_path, str(local_path))
-        except OSError as exc:
-            raise TransportError(f"cannot fetch {remote_path} from {self.route.target.address}: {exc}",
-                                 hop=self.route.target.address) from None
-        except (paramiko.SSHException, EOFError):
-            raise self._lost(f"fetching {remote_path}") from None
 
     def close(self) -> None:
         if self._sftp is not None:
@@ -390,6 +273,9 @@ class SSHConnection:
                 self._raw_socket.shutdown(socket.SHUT_RDWR)
             self._raw_socket.close()
             self._raw_socket = None
+        if self._proxy is not None:
+            self._proxy.close()
+            self._proxy = None
 
     def __enter__(self) -> SSHConnection:
         return self
@@ -407,27 +293,8 @@ def connect(route: Route, options: ConnectOptions | None = None) -> SSHConnectio
     return SSHConnection(route, options)
 
 
-@dataclass(frozen=True)
-class SshConfigEntry:
-    hostname: str
-    user: str | None
-    port: int | None
-    identity_file: str | None
-    proxy_jump: str | None
-
-
-def lookup_ssh_config(alias: str, path: Path | None = None) -> SshConfigEntry:
-    """Resolve an alias through ``~/.ssh/config`` (HostName, User, Port, IdentityFile, ProxyJump)."""
-    config_file = path or Path.home() / ".ssh" / "config"
-    config = paramiko.SSHConfig.from_path(str(config_file)) if config_file.exists() else paramiko.SSHConfig()
-    found = config.lookup(alias)
-    identity = found.get("identityfile")
-    port = found.get("port")
-    proxy = found.get("proxyjump")
-    return SshConfigEntry(
-        hostname=found.get("hostname", alias),
-        user=found.get("user"),
-        port=int(port) if port else None,
-        identity_file=identity[0] if identity else None,
-        proxy_jump=None if proxy in (None, "none") else proxy,
-    )
+def probe_host_key(route: Route, options: ConnectOptions | None = None) -> HostKeySeen:
+    """The key the route's target offers now, neither judged nor logged in to (the bastions are
+    judged and logged in to as usual): what ``fleetctl agents trust`` shows before it trusts."""
+    with SSHConnection(route, options, probe=True) as connection:
+        return connection.host_keys[-1]

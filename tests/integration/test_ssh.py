@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,7 @@ def _route(sandbox: Sandbox, name: str) -> Route:
 
 
 def _unpinned(route: Route) -> Route:
-    return Route(tuple(Hop(h.hostname, h.user, h.port, h.key_path) for h in route.hops), route.connect_timeout)
+    return Route(tuple(replace(h, fingerprint=None) for h in route.hops), route.connect_timeout)
 
 
 def test_direct_login_runs_commands_and_transfers_files(fleet_sandbox: Sandbox, tmp_path: Path) -> None:
@@ -114,7 +115,7 @@ def test_trust_on_first_use_records_then_refuses_a_changed_key(own_sandbox: Sand
 def test_pinned_fingerprint_mismatch_is_refused(fleet_sandbox: Sandbox) -> None:
     route = _route(fleet_sandbox, "direct-nv")
     wrong = fleet_sandbox.fingerprints["direct-amd"]
-    bad = Route((Hop(route.target.hostname, route.target.user, route.target.port, route.target.key_path, wrong),))
+    bad = Route((replace(route.target, fingerprint=wrong),))
     with pytest.raises(HostKeyError, match="expected .* offered"):
         connect(bad)
 

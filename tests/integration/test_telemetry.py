@@ -70,7 +70,8 @@ def test_top_once_shows_one_line_per_gpu(fleet_sandbox: Sandbox, tmp_path: Path)
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if line.startswith(("lan-nv", "refused"))]
     assert len(lines) == 4 + 1
-    assert "%" in lines[0] and "online" in lines[0] and "unreachable" in lines[-1]
+    # Failed hosts sort first (issue 14), so a failure is never below the fold.
+    assert "unreachable" in lines[0] and "%" in lines[-1] and "online" in lines[-1]
 
 
 def test_history_survives_a_concurrent_reader_and_writer(fleet_sandbox: Sandbox, tmp_path: Path) -> None:

@@ -117,7 +117,8 @@ class FakeConnection:
         self.script = script
         self.is_open = True
 
-    def run(self, command: str, timeout: float | None = None) -> CommandResult:
+    def run(self, command: str, timeout: float | None = None, max_stdout: int | None = None,
+            max_stderr: int | None = None) -> CommandResult:
         step = self.script.pop(0) if self.script else "ok"
         if isinstance(step, Exception):
             self.is_open = False

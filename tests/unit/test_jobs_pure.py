@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fleetctl.config import Agent
 from fleetctl.jobs.model import JobSpec
-from fleetctl.jobs.placement import Candidate, never_satisfiable, place
+from fleetctl.jobs.placement import Candidate, never_satisfiable, place, waiting_reason
 from fleetctl.jobs.remote import parse_scan_line, remove_command, wrapper_script
 from fleetctl.telemetry import GpuSample, HostBasics, TelemetrySnapshot
 
@@ -42,6 +42,23 @@ def test_labels_are_globs_and_impossible_jobs_say_why() -> None:
         JobSpec(command=["x"], gpus=4, labels={"gpu_type": "h*"}), fleet)
     assert never_satisfiable(JobSpec(command=["x"], agent="nope"), fleet) == "agent 'nope' is not in the inventory"
     assert never_satisfiable(JobSpec(command=["x"], gpus=8), fleet) is None
+
+
+def test_waiting_reason_names_what_holds_back_each_matching_agent() -> None:
+    a100 = {"gpu_type": "a100-80g"}
+    fleet = [candidate("gpu-1", 4, used=(0,), held=(1, 2), labels=a100), candidate("gpu-3", 4, draining=True, labels=a100),
+             candidate("gpu-4", 8, online=False, labels=a100), candidate("h", 8, labels={"gpu_type": "h100"})]
+    spec = JobSpec(command=["x"], gpus=4, labels={"gpu_type": "a100*"})
+    assert place(spec, fleet) is None
+    assert waiting_reason(spec, fleet) == (
+        "waiting for 4 free GPUs on agents matching gpu_type=a100*: gpu-3 has 4 free but is draining; "
+        "gpu-4 has 8 free but is not online; gpu-1 has 1 free of 4 (2 held by fleetctl jobs, 1 in use by other processes)")
+    assert waiting_reason(JobSpec(command=["x"], agent="gpu-3"), fleet) == "waiting for agent gpu-3: gpu-3 is draining"
+    many = [candidate(f"n{i}", 1, online=False) for i in range(6)]
+    assert waiting_reason(JobSpec(command=["x"], gpus=2), many).endswith("n3 is not online; and 2 more")
+    memory = JobSpec(command=["x"], gpus=1, min_free_mem_mib=50000)
+    assert waiting_reason(memory, [candidate("m", 1, used=(0,))]) == \
+        "waiting for 1 free GPU: m has 0 free of 1 (1 in use by other processes)"
 
 
 def test_wrapper_quotes_every_argument_and_writes_the_result(tmp_path: Path) -> None:
