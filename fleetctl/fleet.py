@@ -7,7 +7,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -26,9 +26,10 @@ from fleetctl.heartbeat import crashed_snapshot, failed_snapshot, heartbeat_comm
 from fleetctl.history import Transition, agent_statuses, history, prune, set_draining
 from fleetctl.history import record as record_history
 from fleetctl.paths import state_dir as resolve_state_dir
-from fleetctl.routes import resolver_for, route_for
+from fleetctl.routes import HopView, describe_route, resolver_for, route_for
 from fleetctl.ssh import ConnectOptions, HostKeyPolicy, connect
 from fleetctl.ssh.known_hosts import KnownHosts
+from fleetctl.ssh.resolve import SshConfigResolver
 from fleetctl.store import Store
 from fleetctl.telemetry import TelemetrySnapshot
 from fleetctl.transport import Connection, Connector, Route
@@ -74,6 +75,11 @@ class HeartbeatRound:
         return f"<HeartbeatRound {len(self.ok)} ok, {len(self.failed)} failed, {self.duration_s:.2f}s>"
 
 
+def _tap(snapshot: TelemetrySnapshot, on_done: Callable[[TelemetrySnapshot], None]) -> TelemetrySnapshot:
+    on_done(snapshot)
+    return snapshot
+
+
 class Fleet:
     """The agents of an inventory, and the connections to them."""
 
@@ -108,11 +114,18 @@ class Fleet:
     def agents(self) -> list[Agent]:
         return list(self.inventory)
 
+    def _resolver(self, agent: Agent) -> SshConfigResolver:
+        return self._plain_resolver if agent.ssh_config is False else self.resolver
+
     def _route(self, agent: Agent) -> Route:
         if agent.name not in self._routes:
-            resolver = self._plain_resolver if agent.ssh_config is False else self.resolver
-            self._routes[agent.name] = route_for(agent, resolver)
+            self._routes[agent.name] = route_for(agent, self._resolver(agent))
         return self._routes[agent.name]
+
+    def describe_route(self, name: str) -> list[HopView]:
+        """Each hop to ``name`` with where every value came from (``agents show``)."""
+        agent = self.inventory.get(name)
+        return describe_route(agent, self._resolver(agent))
 
     def forget_route(self, name: str) -> None:
         """Resolve ``name`` again on next use (its inventory entry changed) and drop its connection."""
@@ -144,7 +157,7 @@ class Fleet:
             conn.close()
 
     def heartbeat_one(self, agent: Agent) -> TelemetrySnapshot:
-        """One host, one exec, its output bounded. A connection that died since last time is
+        """One host, one command in its kept-open shell, its output bounded. A connection that died since last time is
         reopened once. Never raises: whatever goes wrong is this host's failed snapshot."""
         lock = self._locks.setdefault(agent.name, threading.Lock())
         with lock:
@@ -153,8 +166,9 @@ class Fleet:
                 started = time.monotonic()
                 result = None
                 try:
-                    result = self.connection(agent).run(command, timeout=agent.command_timeout_s,
-                                                        max_stdout=HEARTBEAT_MAX_STDOUT, max_stderr=HEARTBEAT_MAX_STDERR)
+                    result = self.connection(agent).run_kept(command, timeout=agent.command_timeout_s,
+                                                             max_stdout=HEARTBEAT_MAX_STDOUT,
+                                                             max_stderr=HEARTBEAT_MAX_STDERR)
                     return snapshot_from_result(agent, result, (time.monotonic() - started) * 1000)
                 except ConnectionLost as exc:
                     self.drop(agent.name)
@@ -169,15 +183,18 @@ class Fleet:
                     return crashed_snapshot(agent, exc, started, ran=result is not None)
             raise AssertionError("unreachable")
 
-    def heartbeat(self, agents: list[str] | None = None, *, record: bool = True) -> HeartbeatRound:
+    def heartbeat(self, agents: list[str] | None = None, *, record: bool = True,
+                  on_done: Callable[[TelemetrySnapshot], None] | None = None) -> HeartbeatRound:
         """One round over the fleet (or the named agents), hosts in parallel up to the cap.
-        With ``record`` (the default) the snapshots go to history and advance each agent's health."""
+        With ``record`` (the default) the snapshots go to history and advance each agent's health.
+        ``on_done`` is called with each host's snapshot as it arrives, from the pool's threads (progress)."""
         chosen = self.inventory.select(agents)
         started = time.monotonic()
         if not chosen:
             return HeartbeatRound([], 0.0)
         pool = self._pool()
-        snapshots = list(pool.map(self.heartbeat_one, chosen))
+        beat = self.heartbeat_one if on_done is None else (lambda agent: _tap(self.heartbeat_one(agent), on_done))
+        snapshots = list(pool.map(beat, chosen))
         round_ = HeartbeatRound(snapshots, time.monotonic() - started)
         if record:
             round_.transitions = self.record(snapshots)

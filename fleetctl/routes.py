@@ -9,6 +9,7 @@ OpenSSH resolves it (:mod:`fleetctl.ssh.resolve`), ProxyJump hops included.
 from __future__ import annotations
 
 import os
+from dataclasses import asdict, dataclass
 
 from fleetctl.config import Agent, Bastion, ControllerSettings
 from fleetctl.ssh.resolve import Resolved, SshConfigResolver, SshOptions
@@ -78,19 +79,36 @@ def route_for(agent: Agent, resolver: SshConfigResolver | None = None) -> Route:
     return Route(hops, connect_timeout=timeout or DEFAULT_CONNECT_TIMEOUT_S)
 
 
-def describe_route(agent: Agent, resolver: SshConfigResolver) -> list[dict[str, object]]:
-    """Each hop as ``agents show`` prints it: where it goes, how it logs in, and where each value
-    came from (``inventory``, ``FILE:LINE`` of ssh_config, or ``default``)."""
-    hops: list[dict[str, object]] = []
+@dataclass(frozen=True)
+class HopView:
+    """One hop as ``agents show`` prints it; ``sources`` says where each value came from
+    (``inventory``, ``FILE:LINE`` of ssh_config, or ``default``)."""
+
+    role: str
+    host: str
+    port: int
+    user: str
+    identities: tuple[str, ...]
+    certificates: tuple[str, ...]
+    identities_only: bool
+    proxy_command: str | None
+    host_key: str
+    resolver: str
+    sources: dict[str, str]
+
+    def source(self, field: str) -> str:
+        return self.sources.get(field, "default")
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def describe_route(agent: Agent, resolver: SshConfigResolver) -> list[HopView]:
     chain = resolved_chain(agent, resolver)
-    for index, (resolved, pin) in enumerate(chain):
-        hops.append({
-            "role": "target" if index == len(chain) - 1 else "bastion",
-            "host": resolved.hostname, "port": resolved.port, "user": resolved.user,
-            "identities": [p for p in resolved.identity_files if p.lower() != "none"],
-            "certificates": [p for p in resolved.certificate_files if p.lower() != "none"],
-            "identities_only": resolved.identities_only, "proxy_command": resolved.proxy_command,
-            "host_key": pin or f"known_hosts ({resolved.strict_host_key_checking})",
-            "resolver": resolved.resolver, "sources": dict(resolved.sources),
-        })
-    return hops
+    return [HopView(role="target" if index == len(chain) - 1 else "bastion", host=resolved.hostname, port=resolved.port,
+                    user=resolved.user, identities=tuple(p for p in resolved.identity_files if p.lower() != "none"),
+                    certificates=tuple(p for p in resolved.certificate_files if p.lower() != "none"),
+                    identities_only=resolved.identities_only, proxy_command=resolved.proxy_command,
+                    host_key=pin or f"known_hosts (StrictHostKeyChecking {resolved.strict_host_key_checking})",
+                    resolver=resolved.resolver, sources=dict(resolved.sources))
+            for index, (resolved, pin) in enumerate(chain)]

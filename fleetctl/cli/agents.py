@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +12,16 @@ from rich.table import Table
 
 from fleetctl.addresses import read_worker_file
 from fleetctl.cli.common import common_options, err, out, parse_labels, print_json, settings
+from fleetctl.cli.progress import host_progress, host_status
 from fleetctl.cli.tables import cell
 from fleetctl.config import Agent, edit_inventory, load_config
+from fleetctl.durations import utc
 from fleetctl.errors import FleetError
+from fleetctl.fleet import Fleet
+from fleetctl.health import Health
+from fleetctl.history import AgentStatus, agent_statuses
 from fleetctl.registration import register_ssh
+from fleetctl.routes import HopView
 from fleetctl.text import one_line, visible
 
 
@@ -56,10 +64,12 @@ def register_ssh_command(host: str, key: str | None, name: str | None, bastions:
           --bastion root@bastion.example.com --label gpu_type=a100
     """
     s = settings()
-    result = register_ssh(host, key, name=name, bastions=list(bastions), bastion_key=bastion_key,
-                          labels=parse_labels(labels), gpu_query_cmd=gpu_query_cmd, connect_now=not no_connect,
-                          config=s.config_path, state=s.state_path,
-                          accept_any_host_key=insecure_accept_any_host_key, connect_timeout_s=connect_timeout)
+    via = f" via {len(bastions)} bastion{'s' if len(bastions) > 1 else ''}" if bastions else ""
+    with host_status(visible(f"registering {host}{via}")) if not no_connect else contextlib.nullcontext():
+        result = register_ssh(host, key, name=name, bastions=list(bastions), bastion_key=bastion_key,
+                              labels=parse_labels(labels), gpu_query_cmd=gpu_query_cmd, connect_now=not no_connect,
+                              config=s.config_path, state=s.state_path,
+                              accept_any_host_key=insecure_accept_any_host_key, connect_timeout_s=connect_timeout)
     if as_json:
         print_json(result.agent.model_dump(exclude_none=True))
         return
@@ -78,23 +88,68 @@ def agents_group() -> None:
     """List, show, import and remove inventory entries."""
 
 
+def _age(epoch: float | None) -> str:
+    """``12s``, ``5m``, ``3h``, ``2d``: how long ago, for a table cell."""
+    if epoch is None:
+        return ""
+    seconds = max(0.0, time.time() - epoch)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _statuses(fleet: Fleet) -> dict[str, AgentStatus]:
+    """What the store knows of each agent; a store that cannot be read costs only these columns."""
+    try:
+        return agent_statuses(fleet.store)
+    except FleetError as exc:
+        err.print(visible(f"fleetctl: note: health not shown: {one_line(exc)}"))
+        return {}
+
+
+def _route_summary(fleet: Fleet, agent: Agent) -> str:
+    try:
+        return fleet.route(agent.name).describe()
+    except FleetError as exc:
+        return f"cannot resolve: {one_line(exc.message, limit=120)}"
+
+
+def _status_json(status: AgentStatus | None) -> dict[str, Any]:
+    health = status.health if status else Health()
+    return {"health": health.state, "health_since": utc(health.since), "misses": health.misses,
+            "last_heartbeat": utc(health.last_seen), "last_ok": utc(health.last_ok),
+            "draining": bool(status and status.draining),
+            "status": status.snapshot.status if status and status.snapshot else None}
+
+
 @agents_group.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @common_options
 def list_agents(as_json: bool) -> None:
-    """Every agent in the inventory."""
-    inventory = load_config(settings().config_path)
+    """Every agent in the inventory: route, health (since when), drain state, last heartbeat."""
+    s = settings()
+    with Fleet(load_config(s.config_path), state_dir=s.state_path) as fleet:
+        statuses = _statuses(fleet)
+        agents = list(fleet.inventory)
+        routes = list(fleet._pool().map(lambda a: _route_summary(fleet, a), agents))  # ssh -G runs in parallel
+        inventory_path = fleet.inventory.path
     if as_json:
-        print_json([a.model_dump(exclude_none=True) for a in inventory])
+        print_json([{**a.model_dump(exclude_none=True), "route": route, **_status_json(statuses.get(a.name))}
+                    for a, route in zip(agents, routes, strict=True)])
         return
-    table = Table("NAME", "ADDRESS", "VIA", "GPU TOOL", "LABELS", "PINNED", box=None, pad_edge=False)
-    for agent in inventory:
-        table.add_row(*(cell(value) for value in (agent.name, agent.address, _via(agent), _tool(agent),
-                                                   labels_text(agent.labels),
-                                                   "yes" if agent.host_key_fingerprint else "no")))
+    table = Table("NAME", "ROUTE", "HEALTH", "LAST BEAT", "DRAIN", "GPU TOOL", "LABELS", "PINNED", box=None, pad_edge=False)
+    for agent, route in zip(agents, routes, strict=True):
+        status = statuses.get(agent.name)
+        health = status.health if status else Health()
+        since = f" {_age(health.since)}" if health.since else ""
+        table.add_row(*(cell(value) for value in (
+            agent.name, route, health.state + since, f"{_age(health.last_seen)} ago" if health.last_seen else "never",
+            "draining" if status and status.draining else "", _tool(agent), labels_text(agent.labels),
+            "yes" if agent.host_key_fingerprint else "no")))
     out.print(table)
-    if not len(inventory):
-        err.print(visible(f"no agents in {inventory.path}; add one with `fleetctl register-ssh`"))
+    if not agents:
+        err.print(visible(f"no agents in {inventory_path}; add one with `fleetctl register-ssh`"))
 
 
 @agents_group.command("show")
@@ -102,18 +157,47 @@ def list_agents(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @common_options
 def show_agent(name: str, as_json: bool) -> None:
-    """One agent's full entry."""
-    agent = load_config(settings().config_path).get(name)
+    """One agent: its entry, health, and its resolved route, each hop with where every value came
+    from (the inventory, an ssh_config FILE:LINE, or OpenSSH's default)."""
+    s = settings()
+    with Fleet(load_config(s.config_path), state_dir=s.state_path) as fleet:
+        agent = fleet.inventory.get(name)
+        status = _statuses(fleet).get(name)
+        try:
+            route: list[HopView] | str = fleet.describe_route(name)
+        except FleetError as exc:
+            route = one_line(exc)
     data: dict[str, Any] = agent.model_dump(exclude_none=True)
     if as_json:
-        print_json(data)
+        print_json({**data, **_status_json(status), "route": route if isinstance(route, str) else [h.to_dict() for h in route]})
         return
     for key, value in data.items():
         if key != "bastion":
             out.print(f"{key}: {one_line(labels_text(value) if isinstance(value, dict) else value, limit=2000)}")
-    for depth, bastion in enumerate(agent.bastions(), start=1):
-        pin = bastion.host_key_fingerprint or "not pinned"
-        out.print(visible(f"bastion {depth}: {bastion.address} ({pin})"))
+    health = _status_json(status)
+    since = f" for {_age(status.health.since)}" if status and status.health.since else ""
+    last = f"{_age(status.health.last_seen)} ago" if status and status.health.last_seen else "never"
+    out.print(visible(f"health: {health['health']}{since}; last heartbeat {last}"
+                      f"{'; draining' if health['draining'] else ''}"))
+    if isinstance(route, str):
+        out.print(visible(f"route: cannot resolve: {route}"))
+        return
+    for index, hop in enumerate(route, start=1):
+        _print_hop(index, hop)
+
+
+def _print_hop(index: int, hop: HopView) -> None:
+    def src(field: str) -> str:
+        return f" [{hop.source(field)}]"
+    out.print(visible(f"hop {index} ({hop.role}): {hop.user}@{hop.host}:{hop.port}  (resolved by {hop.resolver})"))
+    out.print(visible(f"  host {hop.host}{src('hostname')}; user {hop.user}{src('user')}; port {hop.port}{src('port')}"))
+    only = "; IdentitiesOnly" if hop.identities_only else ""
+    out.print(visible(f"  keys {', '.join(hop.identities) or '(agent only)'}{src('identity_files')}{only}"))
+    if hop.certificates:
+        out.print(visible(f"  certificates {', '.join(hop.certificates)}{src('certificate_files')}"))
+    if hop.proxy_command:
+        out.print(visible(f"  proxy command {hop.proxy_command}{src('proxy_command')}"))
+    out.print(visible(f"  host key: {hop.host_key}"))
 
 
 @agents_group.command("remove")
@@ -142,13 +226,17 @@ def import_agents(worker_file: str, key: str, bastions: tuple[str, ...], labels:
     s = settings()
     workers = read_worker_file(Path(worker_file))
     failed = 0
-    for worker in workers:
-        try:
-            result = register_ssh(str(worker.address), key, bastions=list(bastions), labels=parse_labels(labels),
-                                  connect_now=not no_connect, config=s.config_path, state=s.state_path)
-            out.print(visible(f"{'updated' if result.replaced else 'added'} {result.agent.name} ({result.agent.address})"))
-        except FleetError as exc:
-            failed += 1
-            err.print(f"{visible(worker_file)}:{worker.line_number}: {visible(worker.address)}: {one_line(exc, limit=2000)}")
+    with host_progress("import", len(workers) if not no_connect else 0) as progress:
+        for worker in workers:
+            progress.working(visible(str(worker.address)))
+            try:
+                result = register_ssh(str(worker.address), key, bastions=list(bastions), labels=parse_labels(labels),
+                                      connect_now=not no_connect, config=s.config_path, state=s.state_path)
+                progress.print(visible(f"{'updated' if result.replaced else 'added'} {result.agent.name} ({result.agent.address})"))
+            except FleetError as exc:
+                failed += 1
+                progress.print(f"{visible(worker_file)}:{worker.line_number}: {visible(worker.address)}: {one_line(exc, limit=2000)}",
+                               error=True)
+            progress.done()
     if failed:
         raise click.exceptions.Exit(1)

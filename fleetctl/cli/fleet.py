@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from fleetctl.cli.common import common_options, out, print_json, settings
+from fleetctl.cli.progress import host_progress
 from fleetctl.cli.tables import fleet_table
 from fleetctl.config import load_config
 from fleetctl.fleet import DEFAULT_MAX_PARALLEL_SSH, Fleet
@@ -40,7 +41,9 @@ def heartbeat_command(agents: tuple[str, ...], csv_path: str | None, as_json: bo
     if csv_path:
         csv_target(csv_path)  # a missing directory fails now, before the round, not after it
     with Fleet(load_config(s.config_path), state_dir=s.state_path, max_parallel_ssh=max_parallel_ssh) as fleet:
-        result = fleet.heartbeat(list(agents) or None)
+        chosen = list(agents) or None
+        with host_progress("heartbeat", len(fleet.inventory.select(chosen))) as progress:
+            result = fleet.heartbeat(chosen, on_done=lambda snap: progress.done(snap.agent))
     if csv_path:
         append_csv(csv_path, result.to_dataframe())
     if as_json:

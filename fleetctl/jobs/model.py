@@ -50,6 +50,21 @@ class JobSpec(BaseModel):
     priority: int = 0
     allow_busy_gpus: bool = False  # place on GPUs a foreign process is using
 
+    @field_validator("command", "name", "workdir", "outputs", "after", "labels", "env", mode="before")
+    @classmethod
+    def _utf8(cls, value: Any) -> Any:
+        """Command-line text that is not UTF-8 arrives with surrogate escapes; refuse it here, in one
+        line, rather than fail later when it is stored."""
+        texts = value if isinstance(value, list) else list(value.items()) if isinstance(value, dict) else [value]
+        for text in texts:
+            for part in text if isinstance(text, tuple) else (text,):
+                if isinstance(part, str):
+                    try:
+                        part.encode("utf-8")
+                    except UnicodeEncodeError:
+                        raise ValueError(f"{part.encode('utf-8', 'backslashreplace').decode()!r} is not valid UTF-8") from None
+        return value
+
     @field_validator("env")
     @classmethod
     def _env_names(cls, value: dict[str, str]) -> dict[str, str]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from fleetctl.config import Agent
 from fleetctl.durations import utc
-from fleetctl.errors import FleetError, TransportError
+from fleetctl.errors import FleetError, JobError, TransportError
 from fleetctl.fleet import Fleet
 from fleetctl.history import AgentStatus, agent_statuses
 from fleetctl.jobs.api import mark_driving
@@ -150,8 +150,8 @@ class JobRunner:
                     continue
                 try:
                     job = self.queue.get(found.job_id)
-                except FleetError:
-                    continue  # not ours (another controller's state dir)
+                except JobError:
+                    continue  # not ours (another controller's state dir); a StoreError still stops the tick
                 self._other_attempt(job, found)
 
     def _other_attempt(self, job: JobRecord, found: RemoteJobDir) -> None:

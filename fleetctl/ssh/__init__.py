@@ -7,6 +7,7 @@
     hostkeys.py     judging a host key: pin, known_hosts, StrictHostKeyChecking, trust on first use
     known_hosts.py  known_hosts files read as OpenSSH reads them; fleetctl's own TOFU file
     proxy.py        ProxyCommand as the first hop's transport
+    fabric_policy.py  hostkeys.py's judgement inside fabric.Connection (for fleetctl.fabric)
     errors.py       the one table that turns paramiko/socket errors into fleetctl's
 
 Nothing here knows about GPUs, jobs or the store; policy (timeouts as health, retries,

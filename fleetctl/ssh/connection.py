@@ -21,6 +21,7 @@ from fleetctl.ssh.errors import quiet_paramiko, translated
 from fleetctl.ssh.hostkeys import HostKeyPolicy, preferred_algorithms, verify
 from fleetctl.ssh.known_hosts import fingerprint
 from fleetctl.ssh.proxy import ProxyProcess
+from fleetctl.ssh.session import ShellSession
 from fleetctl.transport import MAX_STDERR, MAX_STDOUT, CommandResult, Hop, HostKeySeen, Route
 
 _READ_CHUNK = 1 << 16
@@ -77,6 +78,8 @@ class SSHConnection:
         self._raw_socket: socket.socket | None = None
         self._proxy: ProxyProcess | None = None
         self._sftp: paramiko.SFTPClient | None = None
+        self._session: ShellSession | None = None
+        self._session_lock = threading.Lock()
         try:
             self._open()
         except BaseException:
@@ -221,10 +224,28 @@ class SSHConnection:
     def _too_large(self, command: str, stdout: bytearray, stderr: bytearray, stdout_cap: int, stderr_cap: int,
                    started: float) -> OutputTooLarge:
         which, cap = ("stdout", stdout_cap) if len(stdout) > stdout_cap else ("stderr", stderr_cap)
-        partial = CommandResult(command, -1, stdout[:stdout_cap].decode("utf-8", "replace"),
-                                stderr[:stderr_cap].decode("utf-8", "replace"), time.monotonic() - started)
+        del stdout[stdout_cap:], stderr[stderr_cap:]  # never hold a decoded copy of a flood
+        partial = CommandResult(command, -1, stdout.decode("utf-8", "replace"), stderr.decode("utf-8", "replace"),
+                                time.monotonic() - started)
         return OutputTooLarge(f"{self.route.target.address} sent {which} larger than {cap} bytes; reading stopped",
                               partial, hint="the command's output is bounded; check the host's tool or narrow the query")
+
+    def run_kept(self, command: str, *, timeout: float | None = None, max_stdout: int | None = None,
+                 max_stderr: int | None = None) -> CommandResult:
+        """``run`` in the kept-open shell (see :mod:`fleetctl.ssh.session`); a shell that died or was
+        closed by a timeout is replaced by a new one here."""
+        if not self.is_open:
+            raise self._lost("starting a command")
+        with self._session_lock:
+            if self._session is not None and not self._session.usable:
+                self._session.close()
+                self._session = None
+            if self._session is None:
+                self._session = ShellSession(self._transports[-1], self.route.target.address, self.route.connect_timeout)
+            session = self._session
+        return session.run(command, timeout=3600.0 if timeout is None else timeout,
+                           max_stdout=MAX_STDOUT if max_stdout is None else max_stdout,
+                           max_stderr=MAX_STDERR if max_stderr is None else max_stderr)
 
     def _sftp_client(self) -> paramiko.SFTPClient:
         if self._sftp is None:
@@ -260,6 +281,9 @@ class SSHConnection:
             self._sftp_client().get(remote_path, str(local_path))
 
     def close(self) -> None:
+        if self._session is not None:
+            self._session.close()
+            self._session = None
         if self._sftp is not None:
             # Closing over a dead channel can raise anything paramiko has; closed is closed.
             with contextlib.suppress(Exception):

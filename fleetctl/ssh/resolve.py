@@ -55,6 +55,7 @@ class SshOptions:
     identity_files: tuple[str, ...] = ()
     jump: str | None = None  # -J: a comma list, or "none"
     hostname: str | None = None  # -o HostName=...
+    origin: str = INVENTORY  # who gave these options, for provenance (the inventory, or a ProxyJump)
 
 
 @dataclass(frozen=True)
@@ -273,7 +274,8 @@ class SshConfigResolver:
             return [target]
         *rest, last = target.proxy_jump
         user, jump_host, port = split_jump(last)
-        jump_options = SshOptions(user=user, port=port, jump=",".join(rest) if rest else None)
+        jump_options = SshOptions(user=user, port=port, jump=",".join(rest) if rest else None,
+                                  origin=f"ProxyJump of {host}")
         return [*self._chain(jump_host, jump_options, depth + 1, (*seen, here)), target]
 
 
@@ -370,13 +372,15 @@ def _sources(resolved: Resolved, options: SshOptions, parsed: ParsedConfig | Non
     sources: dict[str, str] = {}
     for name, keyword in _FIELD_KEYWORDS.items():
         if from_inventory.get(name):
-            sources[name] = INVENTORY
+            sources[name] = options.origin
             continue
         setting = parsed.get(keyword) if parsed else None
         if setting is not None:
             sources[name] = ", ".join(dict.fromkeys(setting.sources))
         elif parsed is None and resolved.resolver == "ssh -G":
             sources[name] = "ssh -G"
+        elif name == "hostname":
+            sources[name] = f"the name given ({options.origin})"
         else:
             sources[name] = DEFAULT
     return sources

@@ -98,6 +98,7 @@ def test_agents_show_remove_and_import(fleet_sandbox: Sandbox, tmp_path: Path) -
 
 def test_heartbeat_cli_statuses_csv_and_exit_code(fleet_sandbox: Sandbox, tmp_path: Path) -> None:
     csv_path = tmp_path / "logs" / "gpus.csv"
+    csv_path.parent.mkdir()  # fleetctl never creates a missing CSV directory (a typo must fail)
     started = time.monotonic()
     result = run_cli("heartbeat", "--json", "--csv", str(csv_path), "--config", str(fleet_sandbox.inventory_path),
                      "--state-dir", str(tmp_path / "state"))

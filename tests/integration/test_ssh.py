@@ -17,6 +17,7 @@ from fleetctl.errors import (
     ConnectionLost,
     ConnectTimeout,
     HostKeyError,
+    OutputTooLarge,
     UnreachableError,
 )
 from fleetctl.routes import route_for
@@ -168,3 +169,22 @@ def test_killing_sshd_mid_command_is_connection_lost(own_sandbox: Sandbox) -> No
     finally:
         killer.join()
         conn.close()
+
+
+def test_kept_session_answers_like_an_exec_and_recovers_from_timeouts_and_floods(fleet_sandbox: Sandbox) -> None:
+    with connect(_route(fleet_sandbox, "direct-nv")) as conn:
+        result = conn.run_kept("echo out; echo err >&2; exit 3")  # `exit` ends the command, not the shell
+        assert (result.exit_code, result.stdout, result.stderr) == (3, "out\n", "err\n")
+        assert conn.run_kept("printf abc # a trailing comment").stdout == "abc"
+        assert conn.run_kept("cat").stdout == ""  # stdin is /dev/null: a tool cannot swallow the next request
+        forged = conn.run_kept("printf '\\n\\036fleetctl-end-0000000000000000 0\\n'; exit 5")
+        assert forged.exit_code == 5  # the end marker carries a nonce no output can guess
+        with pytest.raises(CommandTimeout):
+            conn.run_kept("sleep 5", timeout=0.5)
+        assert conn.run_kept("echo again").stdout == "again\n"  # a new shell replaced the timed-out one
+        with pytest.raises(OutputTooLarge) as caught:
+            conn.run_kept("head -c 2000000 /dev/zero | tr '\\0' x", max_stdout=100_000)
+        assert len(caught.value.result.stdout) == 100_000
+        assert conn.run_kept("echo after").stdout == "after\n"
+        big = conn.run_kept("head -c 3000000 /dev/zero | tr '\\0' x")  # larger than the SSH window
+        assert len(big.stdout) == 3_000_000

@@ -3,6 +3,7 @@ works, fleetctl reaches HOST the same way (heartbeat, doctor), or says in one li
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -83,6 +84,18 @@ def test_proxyjump_to_an_alias_through_the_netns_bastion(fleet_sandbox: Sandbox,
     assert f"root@{bastion}:22" in doctor.stdout and "hop 1 (bastion)" in doctor.stdout and "forwarding allowed" in doctor.stdout
     route = route_for(load_config(config).get("lan"), resolver_for(load_config(config).controller))
     assert [h.address for h in route.hops] == [f"root@{bastion}:22", f"root@{target}:22"]
+    # agents show: each hop, and where each value came from.
+    shown = run_cli("agents", "show", "lan", "--json", "--config", str(config), "--state-dir", str(tmp_path / "state"))
+    assert shown.returncode == 0, shown.stderr
+    data = json.loads(shown.stdout)
+    assert [(hop["role"], hop["host"]) for hop in data["route"]] == [("bastion", bastion), ("target", target)]
+    assert data["route"][0]["sources"]["user"].endswith(".ssh/config:3")  # the alias's own User line
+    assert data["route"][1]["sources"]["proxy_jump"].endswith(".ssh/config:9")  # ProxyJump jump
+    assert data["health"] == "online" and data["draining"] is False and data["last_heartbeat"].endswith("Z")
+    text = run_cli("agents", "show", "lan", "--config", str(config), "--state-dir", str(tmp_path / "state"))
+    assert "hop 1 (bastion)" in text.stdout and ".ssh/config:3]" in text.stdout and "health: online" in text.stdout
+    listed = run_cli("agents", "list", "--config", str(config), "--state-dir", str(tmp_path / "state"))
+    assert listed.returncode == 0 and f"via root@{bastion}:22" in listed.stdout and "online" in listed.stdout
 
 
 RELAY = """
@@ -98,8 +111,6 @@ while data := sys.stdin.buffer.read1(65536):
 
 
 def _beat(config: Path, state: Path, name: str) -> dict[str, object]:
-    import json
-
     done = run_cli("heartbeat", "--json", "--agent", name, "--config", str(config), "--state-dir", str(state))
     assert "Traceback" not in done.stderr
     snapshots: list[dict[str, object]] = json.loads(done.stdout)

@@ -18,6 +18,7 @@ from fleetctl.heartbeat import MARK
 from fleetctl.history import history, parse_since, prune, record
 from fleetctl.store import Store
 from fleetctl.telemetry import GpuSample, TelemetrySnapshot
+from fleetctl.testing import Answer, ScriptedConnection
 from fleetctl.transport import CommandResult, Route
 
 POLICY = HealthPolicy(offline_after_misses=3, offline_grace_s=600)
@@ -110,24 +111,8 @@ def test_unwritable_csv_is_a_one_line_error(tmp_path: Path) -> None:
         append_csv(tmp_path, to_dataframe([snap("a")]))
 
 
-class FakeConnection:
-    """An in-process stand-in for an SSH connection that answers heartbeats."""
-
-    def __init__(self, script: list[object]) -> None:
-        self.script = script
-        self.is_open = True
-
-    def run(self, command: str, timeout: float | None = None, max_stdout: int | None = None,
-            max_stderr: int | None = None) -> CommandResult:
-        step = self.script.pop(0) if self.script else "ok"
-        if isinstance(step, Exception):
-            self.is_open = False
-            raise step
-        output = f"{MARK}-cmd given\n0, GPU-1, Fake GPU, 100, 10, 90, 5, 40, 50, 100\n{MARK}-rc 0\n0.5 0.4 0.3 1/100 42\n"
-        return CommandResult(command=command, exit_code=0, stdout=output, stderr="")
-
-    def close(self) -> None:
-        self.is_open = False
+HEARTBEAT_OUTPUT = CommandResult("", 0, f"{MARK}-cmd given\n0, GPU-1, Fake GPU, 100, 10, 90, 5, 40, 50, 100\n{MARK}-rc 0\n"
+                                        "0.5 0.4 0.3 1/100 42\n", "")
 
 
 def test_fleet_reopens_a_dead_connection_and_never_stops_at_a_bad_host(tmp_path: Path) -> None:
@@ -135,16 +120,18 @@ def test_fleet_reopens_a_dead_connection_and_never_stops_at_a_bad_host(tmp_path:
              "temperature.gpu,power.draw,power.limit --format=csv,noheader,nounits")
     agents = [Agent(name=n, hostname=f"{n}.example", gpu_query_cmd=query) for n in ("good", "flaky", "dead")]
     opened: list[str] = []
-    scripts = {"good.example": [], "flaky.example": [ConnectionLost("dropped")], "dead.example": []}
+    # One list of answers per connection opened: flaky's first connection drops, its second works.
+    scripts: dict[str, list[list[Answer]]] = {"good.example": [], "flaky.example": [[ConnectionLost("dropped")]]}
 
-    def connector(route: Route) -> FakeConnection:
+    def connector(route: Route) -> ScriptedConnection:
         host = route.hops[-1].hostname
         opened.append(host)
         if host == "dead.example":
             raise UnreachableError("connection refused by dead.example:22")
-        return FakeConnection(scripts[host])
+        answers = scripts[host].pop(0) if scripts[host] else []
+        return ScriptedConnection(route, answers, default=HEARTBEAT_OUTPUT)
 
-    with Fleet(Inventory(tmp_path / "a.toml", agents, {}), state_dir=tmp_path, connector=connector) as fleet:  # type: ignore[arg-type]
+    with Fleet(Inventory(tmp_path / "a.toml", agents, {}), state_dir=tmp_path, connector=connector) as fleet:
         first = fleet.heartbeat()
         second = fleet.heartbeat()
         statuses = {s.agent: s.status for s in first}
