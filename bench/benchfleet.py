@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import getpass
+import json
 import os
 import resource
 import shutil
@@ -85,6 +86,10 @@ class BenchFleet:
         bin_dir = self._tool_dir()
         home = self.directory / "home"
         home.mkdir()
+        # The heartbeat scans ${TMPDIR:-/tmp} for job directories. An empty TMPDIR of the fleet's own:
+        # the machine's /tmp holds whatever job directories other runs left (dozens on a shared box),
+        # and each would add a line, a shell write and an SSH packet to every heartbeat.
+        (self.directory / "tmp").mkdir()
         servers = -(-self.count // self.ports_per_sshd)
         ports: set[int] = set()
         while len(ports) < servers * self.ports_per_sshd:  # distinct, chosen before any sshd binds
@@ -111,7 +116,7 @@ class BenchFleet:
         sshd.keygen(host_key, f"bench-{number}")
         spec = sshd.SshdSpec(name=f"s{number}", listen=[("127.0.0.1", p) for p in ports], host_key=host_key,
                              authorized_keys=self.directory / "authorized_keys", path_dirs=[bin_dir],
-                             environment={"HOME": str(home)})
+                             environment={"HOME": str(home), "TMPDIR": str(self.directory / "tmp")})
         pid = sshd.start(spec, self.directory, [])
         return pid, ports, " ".join(host_key.with_suffix(".pub").read_text().split()[:2])
 
@@ -134,9 +139,25 @@ class BenchFleet:
                 "-p", str(port), f"{getpass.getuser()}@127.0.0.1", remote]
 
     def down(self) -> None:
-        for pid in self.pids:
-            sshd.stop(pid)
-        self.pids.clear()
+        pids, self.pids = self.pids, []
+        sshd.stop_all(pids)
+
+    # A running fleet described for a client in another process (bench/heartbeat.py measures each
+    # client in its own process). The description has no PIDs: only the process that started the
+    # fleet stops it.
+    def save(self, path: Path) -> Path:
+        path.write_text(json.dumps({"directory": str(self.directory), "count": self.count,
+                                    "ports_per_sshd": self.ports_per_sshd, "gpus": self.gpus,
+                                    "hosts": self.hosts, "host_keys": {str(k): v for k, v in self.host_keys.items()}}))
+        return path
+
+    @classmethod
+    def attach(cls, path: Path) -> BenchFleet:
+        spec = json.loads(path.read_text())
+        bench = cls(Path(spec["directory"]), spec["count"], spec["ports_per_sshd"], spec["gpus"])
+        bench.hosts = [(name, port, fp) for name, port, fp in spec["hosts"]]
+        bench.host_keys = {int(k): v for k, v in spec["host_keys"].items()}
+        return bench
 
 
 def ssh_baseline(bench: BenchFleet, remote: str, sample: int, parallel: int = 32) -> dict[str, float]:

@@ -136,6 +136,9 @@ class ControllerSettings(BaseModel):
     lost_grace_s: float = Field(default=3600.0, ge=0)
     # A job directory that belongs to no current attempt is removed once seen this long (a live one never is).
     orphan_age_s: float = Field(default=600.0, ge=0)
+    # A postgresql:// URL for a store shared by several processes or machines; unset: the SQLite file in
+    # the state dir. $FLEETCTL_STORE and --store outrank it (fleetctl.paths.store_url).
+    store: Optional[str] = None
 
 
 class Inventory:

@@ -26,11 +26,12 @@ from fleetctl.heartbeat import crashed_snapshot, failed_snapshot, heartbeat_comm
 from fleetctl.history import Transition, agent_statuses, history, prune, set_draining
 from fleetctl.history import record as record_history
 from fleetctl.paths import state_dir as resolve_state_dir
+from fleetctl.paths import store_url
 from fleetctl.routes import HopView, describe_route, resolver_for, route_for
 from fleetctl.ssh import ConnectOptions, HostKeyPolicy, connect
 from fleetctl.ssh.known_hosts import KnownHosts
 from fleetctl.ssh.resolve import SshConfigResolver
-from fleetctl.store import Store
+from fleetctl.store import Store, open_store
 from fleetctl.telemetry import TelemetrySnapshot
 from fleetctl.transport import Connection, Connector, Route
 
@@ -85,8 +86,10 @@ class Fleet:
 
     def __init__(self, inventory: Inventory, *, state_dir: str | os.PathLike[str] | None = None,
                  max_parallel_ssh: int | None = None, connector: Connector | None = None,
-                 accept_any_host_key: bool = False) -> None:
+                 accept_any_host_key: bool = False, store: str | None = None) -> None:
         self.inventory = inventory
+        # --store / $FLEETCTL_STORE / [controller] store; None is the SQLite file in the state dir.
+        self.store_url = store_url(store, inventory.controller.store)
         self.settings = inventory.controller
         self.state_dir = Path(resolve_state_dir(state_dir))
         self.max_parallel_ssh = max(1, max_parallel_ssh or self.settings.max_parallel_ssh)
@@ -219,7 +222,7 @@ class Fleet:
     @property
     def store(self) -> Store:
         if self._store is None:
-            self._store = Store.in_state_dir(self.state_dir)
+            self._store = open_store(self.store_url, self.state_dir)
         return self._store
 
     def record(self, snapshots: list[TelemetrySnapshot]) -> list[Transition]:

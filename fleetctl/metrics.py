@@ -31,7 +31,7 @@ from fleetctl.errors import ConfigError, FleetError
 from fleetctl.health import Health, HealthState
 from fleetctl.history import AgentStatus, agent_statuses
 from fleetctl.jobs.model import JobState
-from fleetctl.store import Store
+from fleetctl.store import Store, open_store
 from fleetctl.telemetry import GpuSample, Status, TelemetrySnapshot
 
 MAX_LABEL_CHARS = 128  # hosts write model names and UUIDs: a bound keeps one odd host from bloating every scrape
@@ -251,9 +251,10 @@ class MetricsServer:
 
 
 def serve_metrics(address: Address, state_dir: str | os.PathLike[str], *, agents: Callable[[], list[str]] | None = None,
-                  max_age_s: float | None = None) -> MetricsServer:
-    """Open the store of ``state_dir`` and serve its fleet on ``address`` until ``stop()``."""
-    store = Store.in_state_dir(state_dir)
+                  max_age_s: float | None = None, store_url: str | None = None) -> MetricsServer:
+    """Open the fleet's store (``store_url``, else the SQLite file of ``state_dir``) on a connection
+    of its own and serve its fleet on ``address`` until ``stop()``."""
+    store = open_store(store_url, state_dir)
     try:
         return MetricsServer(address, FleetCollector(store, agents=agents, max_age_s=max_age_s))
     except BaseException:

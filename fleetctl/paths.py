@@ -7,6 +7,7 @@ from pathlib import Path
 
 CONFIG_ENV = "FLEETCTL_CONFIG"
 STATE_ENV = "FLEETCTL_STATE_DIR"
+STORE_ENV = "FLEETCTL_STORE"
 
 
 def _xdg(var: str, fallback: str) -> Path:
@@ -34,3 +35,12 @@ def state_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
         return Path(os.environ[STATE_ENV]).expanduser()
     return _xdg("XDG_STATE_HOME", ".local/state") / "fleetctl"
 
+
+
+def store_url(explicit: str | None = None, configured: str | None = None) -> str | None:
+    """The store: ``--store`` > ``$FLEETCTL_STORE`` > ``[controller] store`` in the inventory; None
+    (the default) is the SQLite file in the state dir. An empty value counts as unset."""
+    for value in (explicit, os.environ.get(STORE_ENV), configured):
+        if value:
+            return value
+    return None

@@ -1,9 +1,14 @@
-"""The embedded store: one SQLite file in the state dir for telemetry history, agent health and the
-job queue. WAL mode, so a ``serve`` process, a cron export and the CLI can use it at the same time;
+"""The store: telemetry history, agent health and the job queue. By default one SQLite file in the
+state dir, in WAL mode, so a ``serve`` process, a cron export and the CLI can use it at the same time;
 every write is one short ``BEGIN IMMEDIATE`` transaction, so a crash never leaves half an update.
+With a ``postgresql://`` URL (``--store``, ``FLEETCTL_STORE``, ``[controller] store``) the same schema
+and the same SQL run on PostgreSQL (:mod:`fleetctl.store_pg`); :func:`open_store` picks.
 
-Every ``sqlite3`` error, at open or later, leaves this module as a one-line :class:`StoreError`
-naming the file and the fix (:func:`store_error`, the one translation table)."""
+:class:`Store` is both the interface its callers type against (``transaction()``, ``query()``,
+``close()``, rows read by index or column name, ``?`` placeholders) and the SQLite backend.
+
+Every database error, at open or later, leaves as a one-line :class:`StoreError` naming the store
+and the fix (:func:`store_error`, the one translation table for both backends)."""
 
 from __future__ import annotations
 
@@ -13,11 +18,12 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from fleetctl.errors import StoreError
+from fleetctl.errors import ConfigError, StoreError
+from fleetctl.paths import STORE_ENV
 
 DATABASE_NAME = "fleetctl.db"
 BUSY_TIMEOUT_S = 30.0
@@ -52,6 +58,31 @@ _SCHEMA = [
     """,
 ]
 
+
+
+class Row(Protocol):
+    """A result row: by position (``row[0]``, ``tuple(row)``) or by column name (``row["agent"]``)."""
+
+    def __getitem__(self, key: int | str, /) -> Any: ...
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Cursor(Protocol):
+    @property
+    def rowcount(self) -> int: ...
+    def fetchone(self) -> Any: ...
+    def fetchall(self) -> list[Any]: ...
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Connection(Protocol):
+    """What a ``transaction()`` block gets: ``sqlite3.Connection``'s ``execute``/``executemany``,
+    with ``?`` placeholders on either backend."""
+
+    def execute(self, sql: str, parameters: Any = ..., /) -> Cursor: ...
+    def executemany(self, sql: str, parameters: Iterable[Any], /) -> Cursor: ...
+
+
 # SQLite's primary result codes (stable across versions; the sqlite3 module names them only from
 # Python 3.11, as it adds ``sqlite_errorcode`` to its errors: on 3.10 the class table below decides).
 SQLITE_PERM, SQLITE_BUSY, SQLITE_LOCKED, SQLITE_READONLY, SQLITE_IOERR, SQLITE_CORRUPT = 3, 5, 6, 8, 10, 11
@@ -83,20 +114,64 @@ _BY_CLASS: tuple[tuple[type[sqlite3.Error], tuple[str, str]], ...] = (
 )
 
 
+_PG_URL = f"check the store URL (--store / {STORE_ENV} / [controller] store)"
+_PG_UNREACHABLE = ("cannot be reached", "check that PostgreSQL runs there, and " + _PG_URL.removeprefix("check "))
+_PG_BUSY = ("stayed busy (lock or serialization conflict)", "retry; stop a stuck fleetctl process if it persists")
+_PG_BUG = ("was used wrongly (a fleetctl bug)", "report it with the command that failed")
+# PostgreSQL SQLSTATE (an exact code, else its two-character class) -> (what is wrong, the fix).
+_BY_SQLSTATE: dict[str, tuple[str, str]] = {
+    "08": _PG_UNREACHABLE,                                              # connection exception
+    "57P01": _PG_UNREACHABLE, "57P02": _PG_UNREACHABLE, "57P03": _PG_UNREACHABLE,  # shut down / starting up
+    "28": ("refused the login", "check the user and password in the store URL, and pg_hba.conf"),
+    "3D": ("has no such database", "create it (createdb), or " + _PG_URL),
+    "42501": ("refused access (insufficient privilege)", "grant the store's user rights on its database"),
+    "53100": ("cannot grow: the disk is full", "free space on the database server's disk"),
+    "53300": ("has too many connections", "raise max_connections, or run fewer fleetctl processes"),
+    "53": ("ran out of resources", "check the database server"),
+    "40": _PG_BUSY, "55P03": _PG_BUSY, "57014": _PG_BUSY,               # rollback, lock not available, canceled
+    "XX": ("is damaged (internal error)", "check the database server's log"),
+    "23": ("refused a write (constraint failed)", "report it with the command that failed"),
+    "22": ("refused a value", "report it with the command that failed"),
+    "42": _PG_BUG, "0A": _PG_BUG,
+}
+# PostgreSQL errors without a SQLSTATE, by their PEP 249 class: most specific first, the last catches all.
+_PG_BY_CLASS: tuple[tuple[str, tuple[str, str]], ...] = (
+    ("OperationalError", _PG_UNREACHABLE),
+    ("InterfaceError", _PG_BUG),
+    ("ProgrammingError", _PG_BUG),
+    ("Error", ("failed", "report it with the command that failed")),
+)
+
+
 def _primary_code(exc: sqlite3.Error) -> int | None:
     code = getattr(exc, "sqlite_errorcode", None)  # an extended code, e.g. SQLITE_IOERR_SHORT_READ
     return code & 0xFF if isinstance(code, int) else None
 
 
-def store_error(path: Path, exc: sqlite3.Error) -> StoreError:
-    """The one translation of a ``sqlite3`` error: ``raise store_error(path, exc) from exc``."""
+def _sqlite_entry(exc: sqlite3.Error) -> tuple[str, str]:
     code = _primary_code(exc)
     found = _BY_CODE.get(code) if code is not None else None
-    if found is None:
-        found = next(entry for cls, entry in _BY_CLASS if isinstance(exc, cls))
-    what, fix = found
+    return found or next(entry for cls, entry in _BY_CLASS if isinstance(exc, cls))
+
+
+def _postgres_entry(exc: Exception) -> tuple[str, str]:
+    # psycopg is an optional extra, so this side reads the SQLSTATE psycopg puts on server errors,
+    # and for errors without one (raised by the client library) the PEP 249 class it derives from.
+    sqlstate = getattr(exc, "sqlstate", None)
+    if isinstance(sqlstate, str):
+        found = _BY_SQLSTATE.get(sqlstate) or _BY_SQLSTATE.get(sqlstate[:2])
+        if found:
+            return found
+    names = [cls.__name__ for cls in type(exc).__mro__]
+    return next((entry for name, entry in _PG_BY_CLASS if name in names), _PG_BY_CLASS[-1][1])
+
+
+def store_error(where: Path | str, exc: Exception) -> StoreError:
+    """The one translation of a database error (``sqlite3`` or ``psycopg``), naming the store (a
+    file, or a URL without its password): ``raise store_error(store.label, exc) from exc``."""
+    what, fix = _sqlite_entry(exc) if isinstance(exc, sqlite3.Error) else _postgres_entry(exc)
     detail = " ".join(str(exc).split()) or type(exc).__name__
-    return StoreError(f"the store {path} {what}: {detail}", hint=fix)
+    return StoreError(f"the store {where} {what}: {detail}", hint=fix)
 
 
 def _os_error(path: Path, exc: OSError) -> StoreError:
@@ -122,8 +197,10 @@ def _setup_lock(db_path: Path) -> Iterator[None]:
 
 
 class Store:
-    """One connection per process, shared by its threads under a lock (SQLite serialises writers
-    anyway; this keeps Python's connection object safe)."""
+    """The SQLite backend, and the interface of every backend. One connection per process, shared by
+    its threads under a lock (SQLite serialises writers anyway; this keeps Python's connection object
+    safe). A backend overrides ``__init__``, ``transaction``, ``query``, ``close``, ``label`` and the
+    three migration hooks; the schema and the migration loop are shared."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -164,6 +241,11 @@ class Store:
                     raise
                 time.sleep(0.05)
 
+    @property
+    def label(self) -> str:
+        """How errors name this store: its file (or, on PostgreSQL, its URL without the password)."""
+        return str(self.path)
+
     @contextlib.contextmanager
     def _translated(self) -> Iterator[None]:
         try:
@@ -171,19 +253,30 @@ class Store:
         except sqlite3.Error as exc:
             raise store_error(self.path, exc) from exc
 
+    # -- migrations: one loop over _SCHEMA; each backend reads and writes its version its own way --
     def _migrate(self) -> None:
         with self.transaction() as db:
-            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+            version = self._schema_version(db)
             if version > len(_SCHEMA):
-                raise StoreError(f"{self.path} was written by a newer fleetctl (schema {version})",
+                raise StoreError(f"{self.label} was written by a newer fleetctl (schema {version})",
                                  hint="upgrade fleetctl")
             for number, script in enumerate(_SCHEMA[version:], start=version + 1):
                 for statement in filter(str.strip, script.split(";")):
-                    db.execute(statement)
-                db.execute(f"PRAGMA user_version = {number}")
+                    db.execute(self._ddl(statement))
+                self._set_schema_version(db, number)
+
+    def _schema_version(self, db: Connection) -> int:
+        return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+    def _set_schema_version(self, db: Connection, number: int) -> None:
+        db.execute(f"PRAGMA user_version = {int(number)}")
+
+    def _ddl(self, statement: str) -> str:
+        """``_SCHEMA`` is written in SQLite's dialect; another backend rewrites its few differences."""
+        return statement
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[Connection]:
         """``BEGIN IMMEDIATE``: take the write lock up front, so two processes never deadlock
         upgrading read locks; commit on success, roll back on any error. A ``sqlite3`` error
         raised inside the block leaves as a :class:`StoreError` too."""
@@ -199,7 +292,7 @@ class Store:
                         self._db.execute("ROLLBACK")
                 raise
 
-    def query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         with self._lock, self._translated():
             cursor = self._db.execute(sql, params)
             cursor.row_factory = sqlite3.Row
@@ -208,3 +301,23 @@ class Store:
     def close(self) -> None:
         with self._lock, contextlib.suppress(sqlite3.Error):
             self._db.close()
+
+
+def is_postgres_url(url: str) -> bool:
+    return url.startswith(("postgresql://", "postgres://"))
+
+
+def open_store(url: str | None, state_dir: str | os.PathLike[str]) -> Store:
+    """The store a setting names: a ``postgresql://`` URL, or (none) the SQLite file in ``state_dir``."""
+    if not url:
+        return Store.in_state_dir(state_dir)
+    if not is_postgres_url(url):
+        raise ConfigError(f"the store {url!r} is not a postgresql:// URL",
+                          hint=f"write postgresql://USER@HOST:PORT/DB, or unset --store / {STORE_ENV} for the SQLite file")
+    # Imported here: psycopg is the optional ``postgres`` extra, and SQLite users never need it.
+    try:
+        from fleetctl.store_pg import PostgresStore
+    except ImportError as exc:
+        raise ConfigError(f"the store {url!r} needs psycopg, which is not installed",
+                          hint="pip install 'fleetctl[postgres]'") from exc
+    return PostgresStore(url)

@@ -13,6 +13,7 @@ import pytest
 
 from fleetctl.sandbox import HostSpec, Sandbox
 from fleetctl.sandbox.netns import available as netns_available
+from tests.postgres import make_store, postgres_cluster, postgres_url, store_url  # noqa: F401  (fixtures)
 
 REAL_CAPTURES = Path(__file__).resolve().parents[2] / "shared" / "gpu-outputs" / "real"
 
@@ -30,6 +31,10 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("FLEETCTL_SSH_CONFIG", str(home / ".ssh" / "config"))
     for var in ("FLEETCTL_CONFIG", "FLEETCTL_STATE_DIR", "SSH_AUTH_SOCK", "FLEETCTL_DEBUG"):
         monkeypatch.delenv(var, raising=False)
+    # Set, then deleted: monkeypatch restores only what it recorded, and ``--store`` sets this one
+    # in-process, so a test that passes it never leaks it into the next.
+    monkeypatch.setenv("FLEETCTL_STORE", "")
+    monkeypatch.delenv("FLEETCTL_STORE")
     return home
 
 

@@ -1,4 +1,4 @@
-"""What every command shares: --config/--state-dir, output consoles, error reporting."""
+"""What every command shares: --config/--state-dir/--store, output consoles, error reporting."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from rich.console import Console
 
 from fleetctl.errors import ConfigError
-from fleetctl.paths import config_path, state_dir
+from fleetctl.paths import STORE_ENV, config_path, state_dir
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -69,8 +69,19 @@ def _remember(name: str) -> Callable[[click.Context, click.Parameter, Any], Any]
     return callback
 
 
+def _remember_store(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    # Through the environment layer it outranks (flag > $FLEETCTL_STORE > [controller] store): so the
+    # flag reaches every Fleet a command opens, and a process it starts, without each call passing it.
+    if value is not None:
+        os.environ[STORE_ENV] = value
+    return value
+
+
 def common_options(func: F) -> F:
-    """``--config`` and ``--state-dir`` on every command, before or after the command name."""
+    """``--config``, ``--state-dir`` and ``--store`` on every command, before or after the command name."""
+    func = click.option("--store", metavar="URL", expose_value=False, is_eager=True, callback=_remember_store,
+                        help="A postgresql:// store instead of the SQLite file in the state dir "
+                             "[env FLEETCTL_STORE; inventory [controller] store].")(func)
     func = click.option("--state-dir", type=click.Path(file_okay=False), expose_value=False, is_eager=True,
                         callback=_remember("state_dir"),
                         help="History, queue and known hosts [env FLEETCTL_STATE_DIR].")(func)

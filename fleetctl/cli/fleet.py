@@ -16,6 +16,7 @@ from fleetctl.fleet import DEFAULT_MAX_PARALLEL_SSH, Fleet
 from fleetctl.frames import append_csv, csv_target
 from fleetctl.registration import register_ssh
 from fleetctl.sandbox import Sandbox, default_hosts, sandbox_dir
+from fleetctl.sandbox.postgres import PostgresCluster, set_inventory_store
 from fleetctl.sandbox.sandbox import STATE_FILE
 from fleetctl.text import visible
 
@@ -66,10 +67,19 @@ def _sandbox_path(directory: str | None) -> Path:
 @sandbox_group.command("up")
 @click.option("--hosts", type=click.IntRange(1, 200), default=3, show_default=True, help="GPU hosts to start.")
 @click.option("--dir", "directory", type=click.Path(file_okay=False), help="Where keys, logs and the inventory go.")
+@click.option("--postgres", is_flag=True, help="Also start a private PostgreSQL and make it the inventory's store.")
 @common_options
-def sandbox_up(hosts: int, directory: str | None) -> None:
+def sandbox_up(hosts: int, directory: str | None, postgres: bool) -> None:
     """Start N sshd hosts (plus a bastion) on loopback and write an inventory for them."""
     sandbox = Sandbox(_sandbox_path(directory), default_hosts(hosts)).up()
+    if postgres:
+        try:
+            cluster = PostgresCluster(sandbox.directory).start()
+            set_inventory_store(sandbox.inventory_path, cluster.url)
+        except BaseException:
+            sandbox.down()  # all or nothing: no sshd left running without the store it was asked with
+            raise
+        out.print(visible(f"PostgreSQL store up: {cluster.url} (written to the inventory's [controller] store)"))
     isolation = "hosts behind the bastion live in a network namespace" if sandbox.use_netns else \
         "no network namespaces (needs root): bastion hosts are also reachable directly"
     out.print(visible(f"sandbox up in {sandbox.directory}: {len(sandbox.pids)} sshd processes; {isolation}"))
@@ -82,6 +92,10 @@ def sandbox_up(hosts: int, directory: str | None) -> None:
 def sandbox_down(directory: str | None) -> None:
     """Stop every sandbox sshd by PID and remove its network namespaces. Nothing running is fine."""
     path = _sandbox_path(directory)
+    cluster = PostgresCluster.load(path)
+    if cluster is not None:
+        cluster.stop()
+        out.print("sandbox down: stopped its PostgreSQL")
     if not (path / STATE_FILE).exists():  # already down (or never up): a no-op, as `rm -f` is
         out.print(visible(f"sandbox down: no sandbox runs in {path}; nothing to stop"))
         return

@@ -68,7 +68,7 @@ def serve_command(no_jobs: bool, metrics_at: str | None) -> None:
             # A snapshot older than three intervals (a minute at least) is not the present: no GPU values from it.
             longest = max((controller.interval_of(a) for a in fleet.inventory), default=0.0)
             metrics = serve_metrics(metrics_address, fleet.state_dir, agents=fleet.inventory.names,
-                                    max_age_s=max(60.0, 3 * longest))
+                                    max_age_s=max(60.0, 3 * longest), store_url=fleet.store_url)
             err.print(f"fleetctl serve: metrics on {metrics.url}", markup=False)
         stop = _stop_on_signals()
         err.print(f"fleetctl serve: {len(fleet.inventory)} agents, state in {fleet.state_dir}; Ctrl-C to stop", markup=False)

@@ -1,4 +1,4 @@
-"""The durable job queue, in the same SQLite store as history. Every state change is a
+"""The durable job queue, in the same store as history (SQLite or PostgreSQL: the SQL here runs on both). Every state change is a
 compare-and-set (``expect=``), so a ``serve`` process and a CLI cancel can never both win."""
 
 from __future__ import annotations
@@ -6,7 +6,6 @@ from __future__ import annotations
 import builtins
 import json
 import secrets
-import sqlite3
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 from fleetctl.durations import utc
 from fleetctl.errors import JobError
 from fleetctl.jobs.model import JobRecord, JobResult, JobSpec, JobState
-from fleetctl.store import Store
+from fleetctl.store import Row, Store
 
 _COLUMNS = ("id", "name", "state", "priority", "spec", "agent", "gpus", "remote_dir", "attempt", "submitted",
             "dispatched", "started", "finished", "exit_code", "signal", "reason", "result", "cancel_requested")
@@ -24,7 +23,7 @@ def new_job_id() -> str:
     return "j" + secrets.token_hex(5)
 
 
-def _record(row: sqlite3.Row) -> JobRecord:
+def _record(row: Row) -> JobRecord:
     return JobRecord(
         id=row["id"], name=row["name"], state=row["state"], spec=JobSpec.model_validate_json(row["spec"]),
         agent=row["agent"], gpus=json.loads(row["gpus"] or "[]"), remote_dir=row["remote_dir"], attempt=row["attempt"],
@@ -54,8 +53,9 @@ class JobQueue:
         """By id, or by a unique prefix of one (as git does)."""
         rows = self.store.query(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE id = ?", (job_id,))
         if not rows and len(job_id) >= 3:
+            # Ids are lower-case; lowered here because SQLite's LIKE ignores ASCII case and PostgreSQL's does not.
             rows = self.store.query(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE id LIKE ? LIMIT 2",
-                                    (job_id.replace("%", "").replace("_", "") + "%",))
+                                    (job_id.lower().replace("%", "").replace("_", "") + "%",))
         if len(rows) != 1:
             problem = "is ambiguous" if rows else "does not exist"
             raise JobError(f"job {job_id!r} {problem}", hint="see `fleetctl jobs list`")
@@ -128,12 +128,14 @@ class JobQueue:
 
     def set_reason(self, job_id: str, reason: str) -> bool:
         """Why a queued job waits; written only when it changed, and no event (it is not a transition)."""
-        return self._cas(job_id, ("queued",), "reason IS NOT ?", (reason,), None, None, {"reason": reason})
+        # Not SQLite's ``IS NOT ?``, which PostgreSQL lacks; ``reason`` is never None here.
+        return self._cas(job_id, ("queued",), "(reason IS NULL OR reason <> ?)", (reason,), None, None, {"reason": reason})
 
     def first_event(self, job_id: str, event: str, detail_prefix: str) -> float | None:
         """When ``event`` was first recorded for this job with a detail starting ``detail_prefix``."""
+        # The prefix length is a parameter: PostgreSQL cannot type length() of an untyped parameter.
         rows = self.store.query("SELECT MIN(ts) AS ts FROM job_events WHERE job_id = ? AND event = ? "
-                                "AND substr(detail, 1, length(?)) = ?", (job_id, event, detail_prefix, detail_prefix))
+                                "AND substr(detail, 1, ?) = ?", (job_id, event, len(detail_prefix), detail_prefix))
         return rows[0]["ts"] if rows else None
 
     def lost_at(self, job_id: str) -> float | None:

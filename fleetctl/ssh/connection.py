@@ -21,7 +21,7 @@ from fleetctl.ssh.errors import quiet_paramiko, translated
 from fleetctl.ssh.hostkeys import HostKeyPolicy, preferred_algorithms, verify
 from fleetctl.ssh.known_hosts import fingerprint
 from fleetctl.ssh.proxy import ProxyProcess
-from fleetctl.ssh.session import ShellSession
+from fleetctl.ssh.session import SessionUnavailable, ShellSession
 from fleetctl.transport import MAX_STDERR, MAX_STDOUT, CommandResult, Hop, HostKeySeen, Route
 
 _READ_CHUNK = 1 << 16
@@ -80,6 +80,7 @@ class SSHConnection:
         self._sftp: paramiko.SFTPClient | None = None
         self._session: ShellSession | None = None
         self._session_lock = threading.Lock()
+        self._kept_unavailable = False
         try:
             self._open()
         except BaseException:
@@ -236,6 +237,8 @@ class SSHConnection:
         closed by a timeout is replaced by a new one here."""
         if not self.is_open:
             raise self._lost("starting a command")
+        if self._kept_unavailable:
+            return self.run(command, timeout=timeout, max_stdout=max_stdout, max_stderr=max_stderr)
         with self._session_lock:
             if self._session is not None and not self._session.usable:
                 self._session.close()
@@ -243,9 +246,13 @@ class SSHConnection:
             if self._session is None:
                 self._session = ShellSession(self._transports[-1], self.route.target.address, self.route.connect_timeout)
             session = self._session
-        return session.run(command, timeout=3600.0 if timeout is None else timeout,
-                           max_stdout=MAX_STDOUT if max_stdout is None else max_stdout,
-                           max_stderr=MAX_STDERR if max_stderr is None else max_stderr)
+        try:
+            return session.run(command, timeout=3600.0 if timeout is None else timeout,
+                               max_stdout=MAX_STDOUT if max_stdout is None else max_stdout,
+                               max_stderr=MAX_STDERR if max_stderr is None else max_stderr)
+        except SessionUnavailable:
+            self._kept_unavailable = True  # e.g. no writable /tmp: one exec per command still works
+            return self.run(command, timeout=timeout, max_stdout=max_stdout, max_stderr=max_stderr)
 
     def _sftp_client(self) -> paramiko.SFTPClient:
         if self._sftp is None:

@@ -186,5 +186,8 @@ def test_kept_session_answers_like_an_exec_and_recovers_from_timeouts_and_floods
             conn.run_kept("head -c 2000000 /dev/zero | tr '\\0' x", max_stdout=100_000)
         assert len(caught.value.result.stdout) == 100_000
         assert conn.run_kept("echo after").stdout == "after\n"
+        with pytest.raises(OutputTooLarge, match="stderr larger than 1000"):
+            conn.run_kept("head -c 500000 /dev/zero >&2", max_stderr=1000)
+        assert conn.run_kept("echo err >&2; echo out").stderr == "err\n"
         big = conn.run_kept("head -c 3000000 /dev/zero | tr '\\0' x")  # larger than the SSH window
         assert len(big.stdout) == 3_000_000

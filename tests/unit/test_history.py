@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -56,14 +57,15 @@ def test_never_seen_good_stays_unknown_until_n_misses() -> None:
     assert advance(health, False, 3, POLICY).state == "offline"
 
 
-def test_record_history_and_transitions(tmp_path: Path) -> None:
-    store = Store.in_state_dir(tmp_path)
+def test_record_history_and_transitions(make_store: Callable[[], Store]) -> None:
+    """On SQLite and on PostgreSQL (the ``make_store`` fixture's two params)."""
+    store = make_store()
     assert [t.after for t in record(store, [snap("a"), snap("b", "timeout")], POLICY)] == ["online"]
     record(store, [snap("a", at=NOW + timedelta(seconds=5))], POLICY)
     frame = history(store)
     assert list(frame.columns) == COLUMNS
     assert len(frame) == 2 + 1 + 2 and frame["gpu_index"].dtype == "Int64"
-    assert frame.equals(history(Store.in_state_dir(tmp_path)))  # a second process sees the same rows
+    assert frame.equals(history(make_store()))  # a second process sees the same rows
     only_a = history(store, since=NOW + timedelta(seconds=1), agents=["a"])
     assert len(only_a) == 2 and set(only_a["agent"]) == {"a"}
     assert history(store, agents=["b"]).iloc[0]["status"] == "timeout"
@@ -71,8 +73,8 @@ def test_record_history_and_transitions(tmp_path: Path) -> None:
     assert len(history(store)) == 2
 
 
-def test_round_and_history_frames_have_the_same_dtypes(tmp_path: Path) -> None:
-    store = Store.in_state_dir(tmp_path)
+def test_round_and_history_frames_have_the_same_dtypes(make_store: Callable[[], Store]) -> None:
+    store = make_store()
     snaps = [snap("a"), snap("b", "unreachable")]
     record(store, snaps, POLICY)
     assert history(store).dtypes.equals(to_dataframe(snaps).dtypes)
