@@ -8,12 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.table import Table
 
 from fleetctl.addresses import read_worker_file
 from fleetctl.cli.common import common_options, err, out, parse_labels, print_json, settings
 from fleetctl.cli.progress import host_progress, host_status
-from fleetctl.cli.tables import cell
+from fleetctl.cli.tables import Column, list_table
 from fleetctl.config import Agent, edit_inventory, load_config
 from fleetctl.durations import utc
 from fleetctl.errors import FleetError
@@ -138,16 +137,19 @@ def list_agents(as_json: bool) -> None:
         print_json([{**a.model_dump(exclude_none=True), "route": route, **_status_json(statuses.get(a.name))}
                     for a, route in zip(agents, routes, strict=True)])
         return
-    table = Table("NAME", "ROUTE", "HEALTH", "LAST BEAT", "DRAIN", "GPU TOOL", "LABELS", "PINNED", box=None, pad_edge=False)
+    rows = []
     for agent, route in zip(agents, routes, strict=True):
         status = statuses.get(agent.name)
         health = status.health if status else Health()
         since = f" {_age(health.since)}" if health.since else ""
-        table.add_row(*(cell(value) for value in (
-            agent.name, route, health.state + since, f"{_age(health.last_seen)} ago" if health.last_seen else "never",
-            "draining" if status and status.draining else "", _tool(agent), labels_text(agent.labels),
-            "yes" if agent.host_key_fingerprint else "no")))
-    out.print(table)
+        rows.append((agent.name, route, health.state + since,
+                     f"{_age(health.last_seen)} ago" if health.last_seen else "never",
+                     "draining" if status and status.draining else "", _tool(agent), labels_text(agent.labels),
+                     "yes" if agent.host_key_fingerprint else "no"))
+    columns = [Column("NAME", flex=2, min_width=8), Column("ROUTE", priority=60, flex=1, min_width=16), Column("HEALTH"),
+               Column("LAST BEAT", priority=50), Column("DRAIN", hide_empty=True), Column("GPU TOOL", priority=20),
+               Column("LABELS", priority=30, flex=3, min_width=8), Column("PINNED", priority=10)]
+    out.print(list_table(columns, rows))
     if not agents:
         err.print(visible(f"no agents in {inventory_path}; add one with `fleetctl register-ssh`"))
 

@@ -8,10 +8,9 @@ import time
 from pathlib import Path
 
 import click
-from rich.table import Table
 
 from fleetctl.cli.common import common_options, iso_utc, out, parse_labels, print_json, settings
-from fleetctl.cli.tables import cell
+from fleetctl.cli.tables import Column, list_table
 from fleetctl.config import load_config
 from fleetctl.errors import ConfigError, JobError
 from fleetctl.fleet import Fleet
@@ -108,12 +107,12 @@ def list_jobs(states: tuple[str, ...], as_json: bool) -> None:
     if as_json:
         print_json(records)
         return
-    table = Table("ID", "NAME", "STATE", "AGENT", "GPUS", "SUBMITTED", "REASON", "COMMAND", box=None, pad_edge=False)
-    for r in records:
-        # Names, reasons and commands are user and host data: cells are plain text, controls made visible.
-        table.add_row(*(cell(value) for value in (r.id, r.name, r.state, r.agent, ",".join(r.gpus), _when(r.submitted),
-                                                   r.reason, one_line(" ".join(r.spec.command), limit=60))))
-    out.print(table)
+    columns = [Column("ID"), Column("NAME", priority=40, flex=2, min_width=6), Column("STATE"),
+               Column("AGENT", priority=60, flex=3, min_width=6), Column("GPU#", priority=50),
+               Column("SUBMITTED", priority=30), Column("REASON", priority=70, flex=1, min_width=12, hide_empty=True),
+               Column("COMMAND", priority=20, flex=4, min_width=10)]
+    out.print(list_table(columns, [(r.id, r.name, r.state, r.agent, ",".join(r.gpus), _when(r.submitted), r.reason,
+                                    " ".join(r.spec.command)) for r in records]))
 
 
 @jobs_group.command("show")
@@ -132,7 +131,7 @@ def show_job(job_id: str, as_json: bool) -> None:
                     "events": [{"ts": iso_utc(t), "event": e, "detail": d} for t, e, d in events]})
         return
     out.print(f"job {record.id} ({visible(record.name or 'unnamed')}): {record.state}")
-    for label, value in (("command", " ".join(record.spec.command)), ("agent", record.agent), ("gpus", ",".join(record.gpus)),
+    for label, value in (("command", " ".join(record.spec.command)), ("agent", record.agent), ("gpu indices", ",".join(record.gpus)),
                          ("attempt", record.attempt), ("remote dir", record.remote_dir), ("reason", record.reason),
                          ("exit code", record.exit_code), ("output", json.dumps(record.result.output) if record.result else None),
                          ("logs", record.result.stdout_path if record.result else None)):

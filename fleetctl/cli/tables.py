@@ -154,6 +154,15 @@ class FitTable:
         yield self.table(options.max_width)
 
 
+def list_table(columns: Sequence[Column], rows: Sequence[Sequence[object]]) -> FitTable:
+    """A plain list (jobs, agents) laid out like the heartbeat table: each value one line, the
+    columns given cut or dropped by their own priority and flex before anything wraps."""
+    for row in rows:
+        for column, value in zip(columns, row, strict=True):
+            column.add(cell(value))
+    return FitTable(list(columns))
+
+
 # -- heartbeat ---------------------------------------------------------------------------------
 def _status(snap: TelemetrySnapshot) -> Text:
     return cell(snap.status, "" if snap.ok else "red")

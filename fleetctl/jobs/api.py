@@ -197,7 +197,7 @@ def cancel_job(fleet: Fleet, job_id: str, force: bool = False) -> JobRecord:
             job.id, expect=("lost",), state="cancelled",
             reason="cancelled while its host was unreachable; a run there that still ends is reported as an event"):
         return queue.get(job.id)
-    queue.update(job.id, cancel_requested=True, event="cancel_requested", detail="force" if force else None)
+    queue.request_cancel(job.id, force=force)
     if job.state == "running":
         JobRunner(fleet).signal(queue.get(job.id), force)
     return queue.get(job.id)

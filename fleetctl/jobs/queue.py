@@ -126,6 +126,16 @@ class JobQueue:
             fields["finished"] = time.time()
         return self._cas(job_id, expect, " AND ".join(guards), tuple(params), event or state, detail or reason, fields)
 
+    def request_cancel(self, job_id: str, *, force: bool, event: bool = True) -> bool:
+        """Mark a dispatching or running job for cancel; whoever takes the mark sends the signal."""
+        return self._cas(job_id, ("dispatching", "running"), "", (), "cancel_requested" if event else None,
+                         "force" if force else None, {"cancel_requested": True})
+
+    def take_cancel(self, job_id: str) -> bool:
+        """Claim a pending cancel (the mark goes 1 -> 0): of a CLI cancel and serve's tick racing,
+        exactly one sends the signal and records ``cancel_sent``."""
+        return self._cas(job_id, None, "cancel_requested = ?", (1,), None, None, {"cancel_requested": False})
+
     def set_reason(self, job_id: str, reason: str) -> bool:
         """Why a queued job waits; written only when it changed, and no event (it is not a transition)."""
         # Not SQLite's ``IS NOT ?``, which PostgreSQL lacks; ``reason`` is never None here.

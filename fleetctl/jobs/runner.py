@@ -315,17 +315,20 @@ class JobRunner:
 
     def signal(self, job: JobRecord, force: bool) -> bool:
         agent = self._agent(job.agent)
-        if agent is None or job.remote_dir is None:
+        if agent is None or job.remote_dir is None or not self.queue.take_cancel(job.id):
             return False
         try:
             command = cancel_command(job.remote_dir, force, self.fleet.settings.kill_grace_s)
             result = self.fleet.connection(agent).run(command, timeout=agent.command_timeout_s)
         except TransportError as exc:
             log.warning("job %s: cancel not delivered yet: %s", job.id, one_line(str(exc)))
+            self.queue.request_cancel(job.id, force=force, event=False)  # the next tick tries again
             return False
-        if result.ok:
-            self.queue.update(job.id, event="cancel_sent", detail="SIGKILL" if force else "SIGTERM", cancel_requested=False)
-        return result.ok
+        if not result.ok:
+            self.queue.request_cancel(job.id, force=force, event=False)
+            return False
+        self.queue.note(job.id, "cancel_sent", "SIGKILL" if force else "SIGTERM")
+        return True
 
     def resolve_dependencies(self) -> None:
         for job in self.queue.list(("queued",)):

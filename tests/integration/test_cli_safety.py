@@ -214,9 +214,12 @@ def test_sandbox_down_is_fast_leaves_no_sshd_and_a_second_time_is_a_no_op(tmp_pa
 
 
 def test_a_zombie_counts_as_stopped() -> None:
-    # `sh` starts a child that exits at once, then becomes `sleep`, which never reaps it: a zombie
-    # whose parent is not us, as an sshd is after `sandbox up` has exited.
-    parent = subprocess.Popen(["sh", "-c", "true & echo $!; exec sleep 60"], stdout=subprocess.PIPE, text=True)
+    # A parent forks a child that exits at once, then becomes `sleep`, which never reaps it: a zombie
+    # whose parent is not us, as an sshd is after `sandbox up` has exited. (Python, not `sh -c
+    # "true & exec sleep"`: a shell may reap its job before the exec, and then there is no zombie.)
+    code = ("import os, sys\npid = os.fork()\nif pid == 0:\n    os._exit(0)\n"
+            "print(pid, flush=True)\nos.execv('/bin/sleep', ['sleep', '60'])\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert parent.stdout is not None
         zombie = int(parent.stdout.readline())

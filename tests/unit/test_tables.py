@@ -142,3 +142,17 @@ def test_key_parsing() -> None:
     assert parse("\x1b[A\x1bOB\x1b[5~\x1b[6~j k") == ["up", "down", "pgup", "pgdn", "j", " ", "k"]
     assert parse("\x1b[1;5A") == []  # an unknown sequence is skipped whole, not read as Esc then "A"
     assert parse("\x1bq") == ["esc", "q"]
+
+
+def test_lists_fit_80_columns_one_line_per_row() -> None:
+    from fleetctl.cli.tables import Column, list_table
+
+    columns = [Column("ID"), Column("NAME", priority=40, flex=2, min_width=6), Column("STATE"),
+               Column("REASON", priority=70, flex=1, min_width=12), Column("COMMAND", priority=20, flex=4, min_width=10)]
+    rows = [("j0123456789", "a very long job name " * 5, "queued", "waiting for 4 free GPUs on agents matching x " * 3,
+             "python3 train.py " * 10), ("j1", "[/]\x1b]0;t\x07", "running", "", "sh")]
+    console = Console(width=80, file=io.StringIO(), color_system=None)
+    console.print(list_table(columns, rows))
+    lines = console.file.getvalue().splitlines()  # type: ignore[attr-defined]
+    assert len(lines) == 3 and all(len(line) <= 80 for line in lines)
+    assert "\\x1b" in lines[2] and "\x1b" not in lines[2]
