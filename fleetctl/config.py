@@ -34,6 +34,7 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
 FINGERPRINT_PATTERN = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}$")
 _PASSWORD_KEYS = {"password", "ssh_password", "passphrase", "ssh_passphrase", "key_passphrase"}
 _KNOWN_TOP_LEVEL = {"agents", "controller"}
+NO_INVENTORY_HINT = "add a host with `fleetctl register-ssh --host USER@HOST --key KEY`, or pass --config"
 # tomli-w never writes multi-line strings here, so a "[" in column 0 always starts a table header.
 _SUBTABLE_HEADER = re.compile(r"^\[(?!\[)", re.MULTILINE)
 
@@ -145,8 +146,9 @@ class Inventory:
     """The agents of one ``ssh-agents.toml`` plus whatever else the file holds."""
 
     def __init__(self, path: Path, agents: list[Agent], document: dict[str, Any],
-                 controller: ControllerSettings | None = None) -> None:
+                 controller: ControllerSettings | None = None, *, missing: bool = False) -> None:
         self.path = path
+        self.missing = missing  # no file there: store-only work (history, jobs) goes on; agents are asked for in vain
         self.agents = agents
         self.controller = controller or ControllerSettings()
         self._document = document
@@ -161,7 +163,13 @@ class Inventory:
     def names(self) -> list[str]:
         return [a.name for a in self.agents]
 
+    def require(self) -> None:
+        """The one-line error for work that needs agents when there is no inventory file."""
+        if self.missing:
+            raise ConfigError(f"no inventory at {self.path}", hint=NO_INVENTORY_HINT)
+
     def get(self, name: str) -> Agent:
+        self.require()
         for agent in self.agents:
             if agent.name == name:
                 return agent
@@ -170,6 +178,7 @@ class Inventory:
         raise UnknownAgentError(f"no agent named {name!r} in {self.path}", hint=hint)
 
     def select(self, names: list[str] | None) -> list[Agent]:
+        self.require()
         return [self.get(n) for n in names] if names else list(self.agents)
 
     def upsert(self, agent: Agent) -> bool:
@@ -339,11 +348,8 @@ def load_config(path: str | os.PathLike[str] | None = None, *, missing_ok: bool 
         text = resolved.read_text(encoding="utf-8")
     except FileNotFoundError:
         if missing_ok:
-            return Inventory(resolved, [], {})
-        raise ConfigError(
-            f"no inventory at {resolved}",
-            hint="add a host with `fleetctl register-ssh --host USER@HOST --key KEY`, or pass --config",
-        ) from None
+            return Inventory(resolved, [], {}, missing=True)
+        raise ConfigError(f"no inventory at {resolved}", hint=NO_INVENTORY_HINT) from None
     except OSError as exc:
         raise ConfigError(f"cannot read {resolved}: {exc.strerror}") from None
     except UnicodeDecodeError:

@@ -111,7 +111,9 @@ class Fleet:
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str] | None = None, **kwargs: object) -> Fleet:
-        return cls(load_config(path), **kwargs)  # type: ignore[arg-type]
+        """The fleet of an inventory file. With no file there, history and jobs still read from
+        the state dir; heartbeats, submits and anything else that needs agents say "no inventory"."""
+        return cls(load_config(path, missing_ok=True), **kwargs)  # type: ignore[arg-type]
 
     @property
     def agents(self) -> list[Agent]:
@@ -263,6 +265,7 @@ class Fleet:
         ``after=``, ``env=``, ``workdir=``, ``agent=``, ``min_free_mem_mib=``, ``name=``, ``priority=``)."""
         from fleetctl.jobs.api import submit
 
+        self.inventory.require()  # a job needs agents to run on
         return submit(self, command, **options)
 
     def job(self, job_id: str) -> Job:

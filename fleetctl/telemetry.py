@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal, Optional
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from fleetctl.text import one_line
 
@@ -13,6 +13,13 @@ Vendor = Literal["nvidia", "amd"]
 Status = Literal["ok", "no_gpus", "unreachable", "timeout", "auth_failed", "host_key_mismatch",
                  "bastion_unreachable", "tool_missing", "driver_error", "parse_error", "config_error"]
 GOOD_STATUSES = ("ok", "no_gpus")
+
+
+MAX_TEXT = 256  # a GPU name or UUID from a host is data of bounded size, whatever the host sent
+
+
+def _bounded(value: object) -> object:
+    return value[:MAX_TEXT] if isinstance(value, str) else value
 
 
 class GpuSample(BaseModel):
@@ -30,6 +37,8 @@ class GpuSample(BaseModel):
     power_draw_w: Optional[float] = None
     power_limit_w: Optional[float] = None
     extra: dict[str, str] = Field(default_factory=dict)
+
+    _bound_text = field_validator("uuid", "name", mode="before")(_bounded)
 
 
 class HostBasics(BaseModel):

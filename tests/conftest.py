@@ -15,8 +15,6 @@ from fleetctl.sandbox import HostSpec, Sandbox
 from fleetctl.sandbox.netns import available as netns_available
 from tests.postgres import make_store, postgres_cluster, postgres_url, store_url  # noqa: F401  (fixtures)
 
-REAL_CAPTURES = Path(__file__).resolve().parents[2] / "shared" / "gpu-outputs" / "real"
-
 
 @pytest.fixture(autouse=True)
 def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:

@@ -23,9 +23,11 @@ STATES = ("queued", "dispatching", "running", *FINAL_STATES)
 EXIT_JOB_FAILED = 3
 
 
-def _fleet() -> Fleet:
+def _fleet(*, store_only: bool = False) -> Fleet:
+    """``store_only``: the command reads the state dir alone (jobs list/show/logs of ended jobs) and
+    works with no inventory file; anything that needs an agent still says there is none."""
     s = settings()
-    return Fleet(load_config(s.config_path), state_dir=s.state_path)
+    return Fleet(load_config(s.config_path, missing_ok=store_only), state_dir=s.state_path)
 
 
 def _payload(path: str | None) -> object:
@@ -101,7 +103,7 @@ def _when(value: object) -> str:
 @common_options
 def list_jobs(states: tuple[str, ...], as_json: bool) -> None:
     """Jobs, highest priority then oldest first."""
-    with _fleet() as fleet:
+    with _fleet(store_only=True) as fleet:
         refresh_reasons(fleet)  # queued jobs say so when nothing drives the queue
         records = JobQueue(fleet.store).list(list(states) or None)  # type: ignore[arg-type]
     if as_json:
@@ -121,7 +123,7 @@ def list_jobs(states: tuple[str, ...], as_json: bool) -> None:
 @common_options
 def show_job(job_id: str, as_json: bool) -> None:
     """One job: its spec, state, result and history of events."""
-    with _fleet() as fleet:
+    with _fleet(store_only=True) as fleet:
         refresh_reasons(fleet)
         queue = JobQueue(fleet.store)
         record = queue.get(job_id)
@@ -150,7 +152,7 @@ def job_logs(job_id: str, use_stderr: bool, follow: bool) -> None:
     """The job's stdout (or stderr): collected copy once ended, the remote file while it runs.
     Exit 1 when the job has none (it never ran, or nothing came back from its host)."""
     name = "stderr" if use_stderr else "stdout"
-    with _fleet() as fleet:
+    with _fleet(store_only=True) as fleet:
         job = fleet.job(job_id)
         printed = 0
         while True:

@@ -6,7 +6,7 @@ import functools
 import re
 import shlex
 
-from fleetctl.errors import DriverError, ParseError, ToolMissingError
+from fleetctl.errors import DriverError, FleetError, ParseError, ToolMissingError
 from fleetctl.parsers.nvidia import parse_nvidia_csv
 from fleetctl.parsers.rocm import parse_amd_smi, parse_rocm_csv, parse_rocm_json
 from fleetctl.telemetry import GpuSample
@@ -48,7 +48,11 @@ def tool_of(command: str) -> str:
     return ""
 
 
-def parse_gpu_output(command: str, stdout: str, *, exit_code: int = 0, stderr: str = "") -> list[GpuSample]:
+MAX_GPUS = 1024  # no host has more; more rows are a broken or hostile tool, refused before any is parsed
+
+
+def parse_gpu_output(command: str, stdout: str, *, exit_code: int = 0, stderr: str = "",
+                     max_gpus: int = MAX_GPUS) -> list[GpuSample]:
     """Parse what ``command`` printed. Known failures raise typed errors, not parse noise:
     :class:`ToolMissingError`, :class:`DriverError`, :class:`NoGpusError`,
     :class:`InvalidQueryError`; anything else unreadable raises :class:`ParseError` with the raw text.
@@ -70,10 +74,14 @@ def parse_gpu_output(command: str, stdout: str, *, exit_code: int = 0, stderr: s
                                 hint="fix --query-gpu in gpu_query_cmd (see nvidia-smi --help-query-gpu)")
     try:
         if tool == "amd-smi":
-            return parse_amd_smi(stdout)
+            return parse_amd_smi(stdout, max_gpus)
         if tool == "rocm-smi":
-            return parse_rocm_csv(stdout) if "--csv" in command else parse_rocm_json(stdout)
+            if "--csv" in command and stdout.count("\n") > max_gpus + 2:
+                raise ParseError(f"rocm-smi printed more than {max_gpus} GPU rows: not believable", stdout[:2000])
+            return parse_rocm_csv(stdout) if "--csv" in command else parse_rocm_json(stdout, max_gpus)
         if tool == "nvidia-smi" or "," in stdout or not stdout.strip():
+            if stdout.count("\n") > max_gpus + 2:  # a header and a last line without newline at most
+                raise ParseError(f"nvidia-smi printed more than {max_gpus} GPU rows: not believable", stdout[:2000])
             samples = parse_nvidia_csv(command, stdout)
         else:
             raise ParseError("cannot tell which GPU tool printed this", stdout)
@@ -82,8 +90,11 @@ def parse_gpu_output(command: str, stdout: str, *, exit_code: int = 0, stderr: s
             last = (text.strip().splitlines() or [""])[-1]
             raise ParseError(f"{tool or 'GPU tool'} exited {exit_code}: {last}", text) from None
         raise
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError) as exc:
-        raise ParseError(f"unreadable {tool or 'GPU tool'} output: {exc}", stdout) from None
+    except FleetError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- a host's bytes must never raise anything but ParseError
+        # (csv.Error for a 10 MB field, RecursionError for deep JSON, whatever a parser overlooked)
+        raise ParseError(f"unreadable {tool or 'GPU tool'} output: {type(exc).__name__}: {str(exc)[:200]}", stdout) from exc
     if exit_code != 0 and not samples:
         last = (text.strip().splitlines() or [""])[-1]
         raise ParseError(f"{tool or 'GPU tool'} exited {exit_code}: {last}", text)

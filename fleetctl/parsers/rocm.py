@@ -77,7 +77,12 @@ def _card_sample(index: int, raw: dict[str, Any]) -> GpuSample:
     )
 
 
-def parse_rocm_json(stdout: str) -> list[GpuSample]:
+def _believable(count: int, max_gpus: int, tool: str, stdout: str) -> None:
+    if count > max_gpus:
+        raise ParseError(f"{tool} reports {count} GPUs, more than {max_gpus}: not believable", stdout[:2000])
+
+
+def parse_rocm_json(stdout: str, max_gpus: int = 1024) -> list[GpuSample]:
     start = stdout.find("{")
     if start == -1:
         raise ParseError("rocm-smi printed no JSON", stdout, hint="add --json to gpu_query_cmd")
@@ -92,6 +97,7 @@ def parse_rocm_json(stdout: str) -> list[GpuSample]:
         match = _CARD.match(str(key))
         if match and isinstance(value, dict):  # "system" and other non-card keys are not GPUs
             cards.append((int(match.group(1)), value))
+    _believable(len(cards), max_gpus, "rocm-smi", stdout)
     return [_card_sample(index, raw) for index, raw in sorted(cards, key=lambda c: c[0])]
 
 
@@ -144,7 +150,7 @@ _AMD_SMI: dict[str, tuple[str, ...]] = {
 }
 
 
-def parse_amd_smi(stdout: str) -> list[GpuSample]:
+def parse_amd_smi(stdout: str, max_gpus: int = 1024) -> list[GpuSample]:
     starts = [i for i in (stdout.find("{"), stdout.find("[")) if i != -1]
     if not starts:
         raise ParseError("amd-smi printed no JSON", stdout, hint="add --json to gpu_query_cmd")
@@ -155,6 +161,7 @@ def parse_amd_smi(stdout: str) -> list[GpuSample]:
     gpus = document.get("gpu_data", []) if isinstance(document, dict) else document
     if not isinstance(gpus, list):
         raise ParseError("amd-smi JSON has no GPU list", stdout)
+    _believable(len(gpus), max_gpus, "amd-smi", stdout)
     samples = []
     for position, gpu in enumerate(g for g in gpus if isinstance(g, dict)):
         flat = _flatten(gpu)

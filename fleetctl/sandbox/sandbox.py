@@ -160,13 +160,16 @@ class Sandbox:
         # Each simulated host gets a home of its own, so the controller machine's shell profile
         # (sourced by bash on every SSH exec) neither slows nor alters the hosts.
         (directory / "home").mkdir(parents=True, exist_ok=True)
+        # A temp dir of its own too: job directories and the kept shell's files stay in the sandbox
+        # (removed with it), and two sandboxes on one machine never see each other's jobs.
+        (directory / "tmp").mkdir(mode=0o700, exist_ok=True)
         host_key = directory / "ssh_host_ed25519_key"
         sshd.keygen(host_key, f"fleetctl-sandbox-{name}")
         blob = host_key.with_suffix(".pub").read_text().split()[1]
         self.fingerprints[name] = fingerprint(base64.b64decode(blob))
         spec = sshd.SshdSpec(name=name, listen=[endpoint], host_key=host_key,
                              authorized_keys=self.directory / "authorized_keys", path_dirs=tool_dirs,
-                             environment={"HOME": str(directory / "home"),
+                             environment={"HOME": str(directory / "home"), "TMPDIR": str(directory / "tmp"),
                                           "FLEETCTL_GPUSIM_SPEC": str(self.spec_file(name)),
                                           "FLEETCTL_SANDBOX_HOST": name},
                              allow_forwarding=forwarding)

@@ -1,4 +1,5 @@
-"""Parsers against every real capture in shared/gpu-outputs/real, plus our own cases and fuzzing."""
+"""Parsers against every real capture in ../shared/gpu-outputs/real (skipped, with the reason, when
+that folder is absent: see tests/shared.py), plus our own cases and fuzzing."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from hypothesis import strategies as st
 
 from fleetctl.errors import DriverError, ParseError, ToolMissingError
 from fleetctl.parsers import InvalidQueryError, NoGpusError, parse_gpu_output
-from tests.conftest import REAL_CAPTURES
+from tests.shared import REAL_CAPTURES, require_shared
 
 A100_QUERY = ("nvidia-smi --query-gpu=timestamp,name,pci.bus_id,driver_version,pstate,pcie.link.gen.max,"
               "pcie.link.gen.current,temperature.gpu,utilization.gpu,utilization.memory,memory.total,"
@@ -80,14 +81,14 @@ EXPECTED: dict[str, tuple[str, int, dict[str, object]]] = {
 
 
 def _read(name: str) -> str:
-    path = REAL_CAPTURES / name
+    path = require_shared(REAL_CAPTURES) / name
     if not path.exists():
-        pytest.fail(f"missing capture {path}: shared/ must sit beside the project")
+        pytest.fail(f"missing capture {path}: the shared captures changed; update EXPECTED")
     return path.read_text(encoding="utf-8")
 
 
 def test_every_gpu_capture_is_covered() -> None:
-    gpu_captures = {p.name for p in REAL_CAPTURES.iterdir()
+    gpu_captures = {p.name for p in require_shared(REAL_CAPTURES).iterdir()
                     if p.suffix in (".txt", ".json", ".csv") and "compute-apps" not in p.name
                     and "accounted-apps" not in p.name and "_version_" not in p.name}
     assert gpu_captures == set(EXPECTED)
@@ -208,3 +209,27 @@ def test_fuzz_structured_json(command: str, document: object) -> None:
     import json
     with contextlib.suppress(ParseError):
         parse_gpu_output(command, json.dumps({"card0": document, "gpu_data": [document]}))
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_hostile_outputs_raise_only_parse_errors_and_stay_bounded(command: str) -> None:
+    hostile = ["0, " + "x" * 10_000_000 + "\n",  # a 10 MB field (csv's limit is 128 KiB)
+               "0, a\x00b\n", "0, \ufffd\ufffd\n",  # NUL bytes, invalid UTF-8 as decoded
+               "0, x\n" * 100_000,  # far more rows than GPUs
+               "[" * 100_000, '{"card0": ' * 50_000,  # deep JSON
+               '{"gpu_data": [' + ",".join(['{"gpu": 1}'] * 5000) + "]}",
+               "{" + ",".join(f'"card{i}": {{"GPU use (%)": "1"}}' for i in range(5000)) + "}"]
+    for text in hostile:
+        with contextlib.suppress(ParseError):
+            samples = parse_gpu_output(command, text)
+            assert len(samples) <= 1024
+            assert all(len(s.name or "") <= 256 for s in samples)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=300))
+def test_fuzz_undecodable_bytes(raw: bytes) -> None:
+    text = raw.decode("utf-8", "replace")
+    for command in COMMANDS:
+        with contextlib.suppress(ParseError):
+            parse_gpu_output(command, text)
