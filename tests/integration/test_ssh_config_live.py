@@ -372,3 +372,18 @@ def test_a_bad_config_line_fails_that_agent_only(fleet_sandbox: Sandbox, isolate
         round_ = fleet.heartbeat()
     assert [s.status for s in round_] == ["config_error", "ok"]
 
+
+
+def test_doctor_names_the_failing_check_and_its_fix(fleet_sandbox: Sandbox, tmp_path: Path) -> None:
+    config, state = str(fleet_sandbox.inventory_path), str(tmp_path / "state")
+    done = run_cli("doctor", "direct-nv", "refused", "broken-driver", "--config", config, "--state-dir", state)
+    assert done.returncode == 3 and "Traceback" not in done.stderr
+    lines = done.stdout.splitlines()
+    assert any(line.startswith("ok   direct-nv  sftp") for line in lines)
+    failed = [line for line in lines if line.startswith("FAIL")]
+    assert any("refused  hop 1 (target) connect: connection refused" in line for line in failed), failed
+    assert any("broken-driver  driver: driver_error" in line for line in failed), failed
+    assert all(lines[lines.index(f) + 1].strip().startswith("fix:") for f in failed)
+    as_json = run_cli("doctor", "refused", "--json", "--config", config, "--state-dir", state)
+    checks = json.loads(as_json.stdout)
+    assert as_json.returncode == 3 and checks[-1]["ok"] is False and checks[-1]["fix"]
