@@ -4,7 +4,6 @@ errors, and ``sandbox up --postgres``."""
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
@@ -27,6 +26,7 @@ from fleetctl.store import _SCHEMA, Store, open_store
 from fleetctl.store_pg import PostgresStore, postgres_ddl
 from fleetctl.telemetry import GpuSample, TelemetrySnapshot
 from tests.conftest import run_cli
+from tests.processes import run_together
 
 pytestmark = pytest.mark.postgres
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc)
@@ -45,19 +45,7 @@ def _open_and_write(url: str, barrier: Barrier, errors: Queue[str | None]) -> No
 
 
 def test_four_processes_migrate_one_empty_database_once(postgres_url: str) -> None:
-    forked = multiprocessing.get_context("fork")
-    barrier, errors = forked.Barrier(4), forked.Queue()
-    processes = [forked.Process(target=_open_and_write, args=(postgres_url, barrier, errors)) for _ in range(4)]
-    for process in processes:
-        process.start()
-    try:
-        outcomes = [errors.get(timeout=60) for _ in processes]
-    finally:
-        for process in processes:
-            process.join(timeout=10)
-            if process.is_alive():
-                process.kill()
-                process.join()
+    outcomes = run_together(_open_and_write, postgres_url, 4)
     assert outcomes == [None] * 4, outcomes
     store = PostgresStore(postgres_url)
     try:

@@ -3,7 +3,6 @@ a damaged file, a read-only state dir. Each ends in one line, never a traceback 
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import shutil
 import signal
@@ -25,6 +24,7 @@ from fleetctl.sandbox import Sandbox
 from fleetctl.store import Store
 from fleetctl.telemetry import GpuSample, TelemetrySnapshot
 from tests.conftest import run_cli
+from tests.processes import run_together
 
 FLEETCTL = [sys.executable, "-m", "fleetctl"]
 
@@ -92,21 +92,9 @@ def _open_and_write(state: str, barrier: Barrier, errors: Queue[str | None]) -> 
 def test_first_opens_of_a_fresh_store_take_turns(tmp_path: Path) -> None:
     """The narrow race behind the processes above, made likely: forked processes released by a
     barrier. Setting WAL without the setup lock failed here in 14 of 200 opens."""
-    forked = multiprocessing.get_context("fork")
     for round_ in range(25):
         state = str(tmp_path / f"state-{round_}")
-        barrier, errors = forked.Barrier(8), forked.Queue()
-        processes = [forked.Process(target=_open_and_write, args=(state, barrier, errors)) for _ in range(8)]
-        for process in processes:
-            process.start()
-        try:
-            outcomes = [errors.get(timeout=60) for _ in processes]
-        finally:
-            for process in processes:
-                process.join(timeout=10)
-                if process.is_alive():
-                    process.kill()
-                    process.join()
+        outcomes = run_together(_open_and_write, state, 8)
         assert outcomes == [None] * 8, outcomes
         store = Store.in_state_dir(state)
         assert store.query("SELECT count(*) FROM job_events")[0][0] == 8
