@@ -22,23 +22,29 @@ _FLOAT_COLUMNS = ["latency_ms", "memory_total_mib", "memory_used_mib", "memory_f
                   "temperature_c", "power_draw_w", "power_limit_w", "load_1m", "mem_available_mib"]
 
 
-def snapshot_rows(snapshots: Iterable[TelemetrySnapshot]) -> list[dict[str, Any]]:
-    """One row per GPU per heartbeat; a host with no GPU data is one row with empty GPU columns."""
-    rows = []
+def snapshot_tuples(snapshots: Iterable[TelemetrySnapshot]) -> list[tuple[Any, ...]]:
+    """One row per GPU per heartbeat, as tuples in :data:`COLUMNS` order (the store's insert, on the
+    heartbeat's hot path: no dict per row); a host with no GPU data is one row with empty GPU columns."""
+    rows: list[tuple[Any, ...]] = []
     for snap in snapshots:
-        common = {"timestamp": snap.timestamp.isoformat(timespec="milliseconds"), "agent": snap.agent,
-                  "hostname": snap.hostname, "status": snap.status, "error": snap.error,
-                  "latency_ms": None if snap.latency_ms is None else round(snap.latency_ms, 2),
-                  "load_1m": snap.host.load_1m, "mem_available_mib": snap.host.mem_available_mib}
+        head = (snap.timestamp.isoformat(timespec="milliseconds"), snap.agent, snap.hostname, snap.status, snap.error,
+                None if snap.latency_ms is None else round(snap.latency_ms, 2))
+        tail = (snap.host.load_1m, snap.host.mem_available_mib)
         if not snap.gpus:
-            rows.append({**dict.fromkeys(COLUMNS), **common})
+            rows.append((*head, *_NO_GPU, *tail))
         for gpu in snap.gpus:
-            rows.append({**common, "vendor": gpu.vendor, "gpu_index": gpu.index, "gpu_uuid": gpu.uuid,
-                         "gpu_name": gpu.name, "memory_total_mib": gpu.memory_total_mib,
-                         "memory_used_mib": gpu.memory_used_mib, "memory_free_mib": gpu.memory_free_mib,
-                         "utilization_gpu_pct": gpu.utilization_gpu_pct, "temperature_c": gpu.temperature_c,
-                         "power_draw_w": gpu.power_draw_w, "power_limit_w": gpu.power_limit_w})
+            rows.append((*head, gpu.vendor, gpu.index, gpu.uuid, gpu.name, gpu.memory_total_mib, gpu.memory_used_mib,
+                         gpu.memory_free_mib, gpu.utilization_gpu_pct, gpu.temperature_c, gpu.power_draw_w,
+                         gpu.power_limit_w, *tail))
     return rows
+
+
+_NO_GPU = (None,) * (len(COLUMNS) - 8)
+
+
+def snapshot_rows(snapshots: Iterable[TelemetrySnapshot]) -> list[dict[str, Any]]:
+    """One row per GPU per heartbeat, as dicts keyed by column."""
+    return [dict(zip(COLUMNS, row, strict=True)) for row in snapshot_tuples(snapshots)]
 
 
 def to_dataframe(snapshots: Iterable[TelemetrySnapshot]) -> pd.DataFrame:

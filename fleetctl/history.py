@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Optional
 
 from fleetctl.durations import seconds_of
 from fleetctl.errors import ConfigError
-from fleetctl.frames import COLUMNS, snapshot_rows, typed_frame
+from fleetctl.frames import COLUMNS, snapshot_tuples, typed_frame
 from fleetctl.health import Health, HealthPolicy, advance
 from fleetctl.store import Store
 from fleetctl.telemetry import TelemetrySnapshot
@@ -43,8 +43,7 @@ def record(store: Store, snapshots: Iterable[TelemetrySnapshot], policy: HealthP
     snapshots = list(snapshots)
     if not snapshots:
         return []
-    rows = [(snap.timestamp.timestamp(), *(row[c] for c in COLUMNS))
-            for snap in snapshots for row in snapshot_rows([snap])]
+    rows = [(snap.timestamp.timestamp(), *row) for snap in snapshots for row in snapshot_tuples([snap])]
     transitions = []
     with store.transaction() as db:
         db.executemany(_INSERT, rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 # What nvidia-smi and rocm-smi print when they cannot give a value (compared lower-cased).
@@ -25,7 +26,15 @@ def is_missing(text: str | None) -> bool:
 
 def number(text: str | None) -> tuple[float, str] | None:
     """``"81559 MiB"`` -> ``(81559.0, "MiB")``; ``None`` when missing or not a number."""
-    if text is None or is_missing(text):
+    if text is None:
+        return None
+    try:  # the common case (nounits): a bare number, without a regex per value on the heartbeat's path
+        value = float(text)
+    except ValueError:
+        pass
+    else:  # float() also takes "nan", "inf" and "1_000", which no GPU tool means as a number
+        return (value, "") if math.isfinite(value) and "_" not in text else None
+    if is_missing(text):
         return None
     match = _NUMBER.match(text)
     if not match:
