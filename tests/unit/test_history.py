@@ -144,3 +144,31 @@ def test_fleet_reopens_a_dead_connection_and_never_stops_at_a_bad_host(tmp_path:
         assert len(second.ok) == 2
         assert set(fleet.health()["health"]) == {"online", "unknown"}
         assert len(fleet.history(agent="good")) == 2
+
+
+def test_serve_writes_beats_in_batches_and_loses_none_when_it_stops(tmp_path: Path) -> None:
+    import threading
+
+    from fleetctl.controller import Controller
+
+    query = "nvidia-smi --query-gpu=index,uuid,name,memory.total,memory.used,memory.free,utilization.gpu," \
+            "temperature.gpu,power.draw,power.limit --format=csv,noheader,nounits"
+    agents = [Agent(name=f"a{i}", hostname=f"h{i}.example", gpu_query_cmd=query, heartbeat_interval_s=0.05)
+              for i in range(5)]
+    fleet = Fleet(Inventory(tmp_path / "a.toml", agents, {}), state_dir=tmp_path,
+                  connector=lambda route: ScriptedConnection(route, default=HEARTBEAT_OUTPUT))
+    writes: list[int] = []
+    record = fleet.record
+    fleet.record = lambda batch: (writes.append(len(batch)), record(batch))[1]  # type: ignore[method-assign]
+    controller = Controller(fleet)
+    stop = threading.Event()
+    timer = threading.Timer(1.5, stop.set)
+    timer.start()
+    controller.run_until(stop)
+    store = Store.in_state_dir(tmp_path)
+    try:
+        rows = store.query("SELECT count(*) FROM telemetry")[0][0]
+    finally:
+        store.close()
+    assert controller.beats > 20 and rows == controller.beats == sum(writes)  # the last batch was flushed at stop
+    assert len(writes) < controller.beats / 3  # several beats per transaction, not one each
