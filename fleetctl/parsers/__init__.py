@@ -6,7 +6,7 @@ import functools
 import re
 import shlex
 
-from fleetctl.errors import DriverError, FleetError, ParseError, ToolMissingError
+from fleetctl.errors import DriverError, ParseError, ToolMissingError
 from fleetctl.parsers.nvidia import parse_nvidia_csv
 from fleetctl.parsers.rocm import parse_amd_smi, parse_rocm_csv, parse_rocm_json
 from fleetctl.telemetry import GpuSample
@@ -49,6 +49,7 @@ def tool_of(command: str) -> str:
 
 
 MAX_GPUS = 1024  # no host has more; more rows are a broken or hostile tool, refused before any is parsed
+MAX_MESSAGE = 200  # host text quoted in an error's one line; the whole text stays in ``raw``
 
 
 def parse_gpu_output(command: str, stdout: str, *, exit_code: int = 0, stderr: str = "",
@@ -60,12 +61,12 @@ def parse_gpu_output(command: str, stdout: str, *, exit_code: int = 0, stderr: s
     text = f"{stdout}\n{stderr}"
     tool = tool_of(command)
     if exit_code == 127 or (exit_code != 0 and _NOT_FOUND.search(stderr)):
-        raise ToolMissingError(f"{tool or command.split()[0]} is not installed on the host", text,
+        raise ToolMissingError(f"{tool or (command.split() or ['the GPU tool'])[0]} is not installed on the host", text,
                                hint="install the GPU driver tools, or set gpu_query_cmd")
     for pattern in _DRIVER_FAILURES:
         found = pattern.search(text)
         if found:
-            raise DriverError(found.group(0).strip().rstrip("."), text)
+            raise DriverError(found.group(0).strip().rstrip(".")[:MAX_MESSAGE], text)
     if _NO_GPUS.search(text) and "{" not in stdout and "device," not in stdout:
         raise NoGpusError("the GPU tool found no GPUs", text)
     invalid = _INVALID_FIELD.search(text)
@@ -73,32 +74,35 @@ def parse_gpu_output(command: str, stdout: str, *, exit_code: int = 0, stderr: s
         raise InvalidQueryError(f"nvidia-smi does not know the field {invalid.group(1)!r}", text,
                                 hint="fix --query-gpu in gpu_query_cmd (see nvidia-smi --help-query-gpu)")
     try:
-        if tool == "amd-smi":
-            return parse_amd_smi(stdout, max_gpus)
-        if tool == "rocm-smi":
-            if "--csv" in command and stdout.count("\n") > max_gpus + 2:
-                raise ParseError(f"rocm-smi printed more than {max_gpus} GPU rows: not believable", stdout[:2000])
-            return parse_rocm_csv(stdout) if "--csv" in command else parse_rocm_json(stdout, max_gpus)
-        if tool == "nvidia-smi" or "," in stdout or not stdout.strip():
-            if stdout.count("\n") > max_gpus + 2:  # a header and a last line without newline at most
-                raise ParseError(f"nvidia-smi printed more than {max_gpus} GPU rows: not believable", stdout[:2000])
-            samples = parse_nvidia_csv(command, stdout)
-        else:
-            raise ParseError("cannot tell which GPU tool printed this", stdout)
+        samples = _parse(tool, command, stdout, max_gpus)
     except ParseError:
         if exit_code != 0:
-            last = (text.strip().splitlines() or [""])[-1]
-            raise ParseError(f"{tool or 'GPU tool'} exited {exit_code}: {last}", text) from None
-        raise
-    except FleetError:
+            raise ParseError(_exited(tool, exit_code, text), text) from None
         raise
     except Exception as exc:  # noqa: BLE001 -- a host's bytes must never raise anything but ParseError
-        # (csv.Error for a 10 MB field, RecursionError for deep JSON, whatever a parser overlooked)
-        raise ParseError(f"unreadable {tool or 'GPU tool'} output: {type(exc).__name__}: {str(exc)[:200]}", stdout) from exc
+        # (RecursionError for deep JSON, MemoryError, whatever a parser overlooked)
+        raise ParseError(f"unreadable {tool or 'GPU tool'} output: {type(exc).__name__}: {str(exc)[:MAX_MESSAGE]}",
+                         stdout) from exc
+    if len(samples) > max_gpus:  # each parser refuses earlier; this holds whatever a parser missed
+        raise ParseError(f"{tool or 'the GPU tool'} reports more than {max_gpus} GPUs: not believable", stdout[:2000])
     if exit_code != 0 and not samples:
-        last = (text.strip().splitlines() or [""])[-1]
-        raise ParseError(f"{tool or 'GPU tool'} exited {exit_code}: {last}", text)
+        raise ParseError(_exited(tool, exit_code, text), text)
     return samples
+
+
+def _parse(tool: str, command: str, stdout: str, max_gpus: int) -> list[GpuSample]:
+    if tool == "amd-smi":
+        return parse_amd_smi(stdout, max_gpus)
+    if tool == "rocm-smi":
+        return parse_rocm_csv(stdout, max_gpus) if "--csv" in command else parse_rocm_json(stdout, max_gpus)
+    if tool == "nvidia-smi" or "," in stdout or not stdout.strip():
+        return parse_nvidia_csv(command, stdout, max_gpus)
+    raise ParseError("cannot tell which GPU tool printed this", stdout)
+
+
+def _exited(tool: str, exit_code: int, text: str) -> str:
+    last = (text.strip().splitlines() or [""])[-1]
+    return f"{tool or 'GPU tool'} exited {exit_code}: {last[:MAX_MESSAGE]}"
 
 
 __all__ = ["InvalidQueryError", "NoGpusError", "parse_gpu_output", "tool_of"]

@@ -8,7 +8,7 @@ import re
 import shlex
 
 from fleetctl.errors import ParseError
-from fleetctl.parsers.values import derive_memory, is_missing, number, to_mib
+from fleetctl.parsers.values import bounded_extra, derive_memory, index_of, is_missing, number, to_mib
 from fleetctl.telemetry import GpuSample
 
 # Typed field -> the query names that feed it, first found wins.
@@ -71,12 +71,19 @@ def _looks_like_header(cells: list[str]) -> bool:
     return all(_HEADER_CELL.match(c.strip()) for c in cells) and not any(number(c) for c in cells)
 
 
-def parse_nvidia_csv(command: str, stdout: str) -> list[GpuSample]:
+def parse_nvidia_csv(command: str, stdout: str, max_gpus: int = 1024) -> list[GpuSample]:
     fields, options = query_of(command)
     lines = [line.rstrip("\r") for line in stdout.splitlines() if line.strip()]
     if not lines:
         return []
-    rows = list(csv.reader(lines, skipinitialspace=True))
+    # Counted before the csv module sees any: splitlines() also breaks at \r, \x1e, \u2028..., so a
+    # count of "\n" alone cannot bound the rows (a million of them takes csv 10 s).
+    if len(lines) > max_gpus + 1:  # one header at most
+        raise ParseError(f"nvidia-smi printed more than {max_gpus} GPUs: not believable", stdout[:2000])
+    try:
+        rows = list(csv.reader(lines, skipinitialspace=True))
+    except csv.Error as exc:  # a field past csv.field_size_limit() (128 KiB), for one
+        raise ParseError(f"nvidia-smi output is not readable CSV: {exc}", stdout[:2000]) from None
     units: dict[str, str | None] = {}
     has_header = "noheader" not in options if "csv" in options else _looks_like_header(rows[0])
     if has_header:
@@ -121,9 +128,14 @@ def _sample(values: dict[str, str], units: dict[str, str | None]) -> GpuSample:
                 if converted is None:
                     continue
                 value = converted
-            typed[target] = int(value) if target == "index" else value
+            if target == "index":
+                index = index_of(value)
+                if index is not None:
+                    typed[target] = index
+                continue
+            typed[target] = value
     total, mem_used, free = derive_memory(typed.get("memory_total_mib"), typed.get("memory_used_mib"),  # type: ignore[arg-type]
                                           typed.get("memory_free_mib"))  # type: ignore[arg-type]
     typed.update(memory_total_mib=total, memory_used_mib=mem_used, memory_free_mib=free)
-    extra = {k: v for k, v in values.items() if k not in used}
+    extra = bounded_extra((k, v) for k, v in values.items() if k not in used)
     return GpuSample(vendor="nvidia", extra=extra, **typed)  # type: ignore[arg-type]

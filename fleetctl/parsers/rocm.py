@@ -8,10 +8,10 @@ import re
 from typing import Any
 
 from fleetctl.errors import ParseError
-from fleetctl.parsers.values import derive_memory, is_missing, number, to_mib
+from fleetctl.parsers.values import bounded_extra, derive_memory, index_of, is_missing, number, to_mib
 from fleetctl.telemetry import GpuSample
 
-_CARD = re.compile(r"^card(\d+)$")
+_CARD = re.compile(r"^card([0-9]{1,9})$")  # more digits is no card index (and int() refuses 4300)
 # Typed field -> rocm-smi keys across versions, compared case-insensitively, first present wins.
 KEYS: dict[str, tuple[str, ...]] = {
     "uuid": ("Unique ID", "GUID"),
@@ -73,7 +73,7 @@ def _card_sample(index: int, raw: dict[str, Any]) -> GpuSample:
         temperature_c=_first_number(card, KEYS["temperature_c"], used),
         power_draw_w=_first_number(card, KEYS["power_draw_w"], used),
         power_limit_w=_first_number(card, KEYS["power_limit_w"], used),
-        extra={k: v for k, v in original.items() if k.lower() not in used},
+        extra=bounded_extra((k, v) for k, v in original.items() if k.lower() not in used),
     )
 
 
@@ -90,9 +90,7 @@ def parse_rocm_json(stdout: str, max_gpus: int = 1024) -> list[GpuSample]:
         document, _ = json.JSONDecoder().raw_decode(stdout[start:])
     except json.JSONDecodeError as exc:
         raise ParseError(f"rocm-smi JSON is invalid: {exc.msg} at char {exc.pos}", stdout) from None
-    if not isinstance(document, dict):
-        raise ParseError("rocm-smi JSON is not an object keyed by card", stdout)
-    cards = []
+    cards = []  # the document is an object: it was read from its first "{"
     for key, value in document.items():
         match = _CARD.match(str(key))
         if match and isinstance(value, dict):  # "system" and other non-card keys are not GPUs
@@ -101,13 +99,22 @@ def parse_rocm_json(stdout: str, max_gpus: int = 1024) -> list[GpuSample]:
     return [_card_sample(index, raw) for index, raw in sorted(cards, key=lambda c: c[0])]
 
 
-def parse_rocm_csv(stdout: str) -> list[GpuSample]:
+def parse_rocm_csv(stdout: str, max_gpus: int = 1024) -> list[GpuSample]:
     lines = stdout.splitlines()
     start = next((i for i, line in enumerate(lines) if line.strip().lower().startswith("device,")), None)
     if start is None:
         raise ParseError("rocm-smi CSV has no 'device,' header line", stdout)
+    table = [line.strip() for line in lines[start:] if line.strip()]
+    _believable(len(table) - 1, max_gpus, "rocm-smi", stdout)  # before csv reads a million rows
+    try:
+        return _rocm_csv_rows(table, stdout)
+    except csv.Error as exc:  # a field past csv.field_size_limit() (128 KiB), for one
+        raise ParseError(f"rocm-smi output is not readable CSV: {exc}", stdout[:2000]) from None
+
+
+def _rocm_csv_rows(table: list[str], stdout: str) -> list[GpuSample]:
     samples = []
-    for row in csv.DictReader([line.strip() for line in lines[start:] if line.strip()]):
+    for row in csv.DictReader(table):
         device = (row.pop("device", None) or "").strip()
         match = _CARD.match(device)
         if not match:
@@ -150,6 +157,16 @@ _AMD_SMI: dict[str, tuple[str, ...]] = {
 }
 
 
+def _amd_index(node: Any, position: int) -> int:
+    """amd-smi's ``"gpu": 3`` (a number or a digit string), else the GPU's place in the list."""
+    if isinstance(node, str) and node.isascii() and node.isdigit() and len(node) <= 9:
+        node = int(node)
+    if isinstance(node, int) and not isinstance(node, bool):
+        index = index_of(float(node)) if node.bit_length() < 64 else None
+        return position if index is None else index
+    return position
+
+
 def parse_amd_smi(stdout: str, max_gpus: int = 1024) -> list[GpuSample]:
     starts = [i for i in (stdout.find("{"), stdout.find("[")) if i != -1]
     if not starts:
@@ -186,9 +203,8 @@ def parse_amd_smi(stdout: str, max_gpus: int = 1024) -> list[GpuSample]:
                      if k in flat and not is_missing(str(flat[k]))), None)
         uuid = next((str(flat[k]) for k in ("asic.asic_serial", "board.product_serial")
                      if k in flat and not is_missing(str(flat[k]))), None)
-        index = gpu.get("gpu", position)
-        extra = {k: json.dumps(v) if isinstance(v, (dict, list)) else str(v)
-                 for k, v in flat.items() if k not in used}
-        samples.append(GpuSample(index=int(index) if str(index).isdigit() else position, uuid=uuid, name=name,
+        extra = bounded_extra((k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
+                              for k, v in flat.items() if k not in used)
+        samples.append(GpuSample(index=_amd_index(gpu.get("gpu"), position), uuid=uuid, name=name,
                                  vendor="amd", extra=extra, **typed))
     return samples

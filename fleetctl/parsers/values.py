@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 
 # What nvidia-smi and rocm-smi print when they cannot give a value (compared lower-cased).
 MISSING = {
@@ -12,6 +13,12 @@ MISSING = {
     "err!", "[err!]", "unknown", "none",
 }
 _NUMBER = re.compile(r"^\s*([-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)\s*([A-Za-z%/]*)\s*$")
+# Bounds on what one host's output can put into a sample, whatever it sent. The largest real
+# values: ~230 extra fields (nvidia-smi, every field) and 1.3 KB (an amd-smi list as JSON).
+MAX_EXTRA_FIELDS = 512
+MAX_EXTRA_TEXT = 4096
+MAX_KEY_TEXT = 256
+MAX_INDEX = 2**31 - 1  # a device index; larger is no index, and would overflow a store's integer
 _TO_MIB = {"b": 1 / 1048576, "kib": 1 / 1024, "kb": 1 / 1024, "mib": 1.0, "mb": 1.0, "gib": 1024.0, "gb": 1024.0,
            "tib": 1048576.0, "tb": 1048576.0}
 
@@ -54,3 +61,20 @@ def derive_memory(total: float | None, used: float | None, free: float | None) -
     if free is None and total is not None and used is not None:
         free = total - used
     return total, used, free
+
+
+def bounded_extra(items: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """The first :data:`MAX_EXTRA_FIELDS` fields, keys and values cut to their bounds."""
+    extra: dict[str, str] = {}
+    for key, value in items:
+        if len(extra) >= MAX_EXTRA_FIELDS:
+            break
+        extra[key[:MAX_KEY_TEXT]] = value[:MAX_EXTRA_TEXT]
+    return extra
+
+
+def index_of(value: float | None) -> int | None:
+    """A device index: a whole number from 0 to :data:`MAX_INDEX`, else None (the tool did not say)."""
+    if value is None or not value.is_integer() or not 0 <= value <= MAX_INDEX:
+        return None
+    return int(value)

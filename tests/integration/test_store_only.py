@@ -34,3 +34,19 @@ def test_store_only_commands_need_no_inventory(own_sandbox: Sandbox, tmp_path: P
     with Fleet.from_config(state_dir=state) as fleet:
         assert set(fleet.history()["agent"]) == {"solo"}
         assert list(fleet.jobs()["id"]) == [job_id]
+
+
+def test_an_empty_home_lists_nothing_and_asks_for_an_inventory_only_where_agents_are_needed(isolated_env: Path) -> None:
+    # No FLEETCTL_CONFIG and no state yet: the default paths under the (empty) isolated HOME.
+    listed = run_cli("jobs", "list")
+    assert listed.returncode == 0 and listed.stdout.startswith("ID") and listed.stderr == ""
+    exported = run_cli("telemetry", "export", "--csv", "-")
+    assert exported.returncode == 0 and exported.stdout.startswith("timestamp,agent,")
+    unknown = run_cli("jobs", "show", "j123")
+    assert unknown.returncode == 1 and "job 'j123' does not exist" in unknown.stderr
+    inventory = isolated_env / ".config" / "fleetctl" / "ssh-agents.toml"
+    for needs_agents in (("heartbeat",), ("top",), ("submit", "--", "true")):
+        done = run_cli(*needs_agents)
+        assert done.returncode == 1 and done.stderr.startswith(f"fleetctl: error: no inventory at {inventory} ("), done.stderr
+        assert done.stderr.count("\n") == 1
+    assert not inventory.exists()

@@ -4,7 +4,9 @@ the values (or the typed error) its output must give."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +25,16 @@ def _cases(folder: Path) -> list[dict[str, Any]]:
 
 
 def _check(case: dict[str, Any], folder: Path) -> None:
-    text = (folder / case["file"]).read_text(encoding="utf-8")
+    raw = (folder / case["file"]).read_bytes()
+    if case.get("sha256"):  # the values below were written for these bytes
+        assert hashlib.sha256(raw).hexdigest() == case["sha256"], f"{case['file']} changed since cases.json was written"
+    text = raw.decode("utf-8")
     stderr = (folder / case["stderr_file"]).read_text() if case.get("stderr_file") else ""
     if case.get("error"):
         error = getattr(parsers, case["error"], None) or getattr(errors, case["error"])
-        with pytest.raises(error):
+        with pytest.raises(error, match=re.escape(case["match"]) if "match" in case else None) as caught:
             parse_gpu_output(case["command"], text, exit_code=case.get("exit_code", 0), stderr=stderr)
+        assert type(caught.value) is error and "\n" not in str(caught.value), case["file"]
         return
     samples = parse_gpu_output(case["command"], text, exit_code=case.get("exit_code", 0), stderr=stderr)
     expected = case["expected"]
@@ -61,7 +67,8 @@ def test_own_fixtures_cover_every_format_and_failure() -> None:
     commands = " ".join(c["command"] for c in OWN)
     for needed in ("noheader,nounits", "--format=csv ", "nvidia-smi.exe", "rocm-smi --json", "--csv", "amd-smi"):
         assert needed in commands + " ", needed
-    assert {c["error"] for c in OWN if "error" in c} == {"DriverError", "NoGpusError", "InvalidQueryError", "ToolMissingError"}
+    assert {c["error"] for c in OWN if "error" in c} == {"DriverError", "NoGpusError", "InvalidQueryError", "ToolMissingError",
+                                                         "ParseError"}
 
 
 PEER_CASES = _cases(PEERS)

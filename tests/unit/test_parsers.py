@@ -4,13 +4,17 @@ that folder is absent: see tests/shared.py), plus our own cases and fuzzing."""
 from __future__ import annotations
 
 import contextlib
+import json
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import fleetctl.parsers
 from fleetctl.errors import DriverError, ParseError, ToolMissingError
 from fleetctl.parsers import InvalidQueryError, NoGpusError, parse_gpu_output
+from fleetctl.parsers.values import MAX_EXTRA_FIELDS, MAX_EXTRA_TEXT, MAX_KEY_TEXT
+from fleetctl.telemetry import MAX_TEXT, GpuSample
 from tests.shared import REAL_CAPTURES, require_shared
 
 A100_QUERY = ("nvidia-smi --query-gpu=timestamp,name,pci.bus_id,driver_version,pstate,pcie.link.gen.max,"
@@ -206,7 +210,6 @@ JSONISH = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_s
 @settings(max_examples=300, deadline=None)
 @given(st.sampled_from(["rocm-smi --json", "amd-smi metric --json"]), JSONISH)
 def test_fuzz_structured_json(command: str, document: object) -> None:
-    import json
     with contextlib.suppress(ParseError):
         parse_gpu_output(command, json.dumps({"card0": document, "gpu_data": [document]}))
 
@@ -224,6 +227,105 @@ def test_hostile_outputs_raise_only_parse_errors_and_stay_bounded(command: str) 
             samples = parse_gpu_output(command, text)
             assert len(samples) <= 1024
             assert all(len(s.name or "") <= 256 for s in samples)
+
+
+MILLION_ROWS = {"nvidia-smi --query-gpu=index,name --format=csv,noheader": "0, x{sep}",
+                "rocm-smi --csv": "card1,5{sep}", "wrapper-without-tool": "0, x{sep}"}
+
+
+@pytest.mark.parametrize("sep", ["\n", "\r"])  # the others: test_fuzz_more_rows_than_gpus
+@pytest.mark.parametrize("command", sorted(MILLION_ROWS))
+def test_a_million_rows_are_refused_whatever_ends_their_lines(command: str, sep: str) -> None:
+    # str.splitlines() breaks at \r, \x1e, \u2028...: a count of "\n" alone let these through (10 s each).
+    text = "device,GPU use (%)" + sep + MILLION_ROWS[command].format(sep=sep) * 1_000_000
+    with pytest.raises(ParseError, match="more than 1024"):
+        parse_gpu_output(command, text)
+
+
+@pytest.mark.parametrize(("command", "text"), [
+    ("nvidia-smi --query-gpu=index,name --format=csv,noheader", "0, " + "x" * 10_000_000 + "\n"),
+    ("rocm-smi --csv", "device,Card Series\ncard0," + "x" * 10_000_000 + "\n"),
+])
+def test_a_field_past_csvs_limit_is_a_parse_error(command: str, text: str) -> None:
+    with pytest.raises(ParseError, match="not readable CSV: field larger than field limit") as caught:
+        parse_gpu_output(command, text)
+    assert len(caught.value.raw or "") <= 2000
+
+
+def test_a_failed_tools_message_is_one_bounded_line() -> None:
+    with pytest.raises(ParseError) as caught:
+        parse_gpu_output("rocm-smi --json", "{" + "x" * 10_000_000, exit_code=1)
+    assert str(caught.value).startswith("rocm-smi exited 1: {xxx") and len(str(caught.value)) < 300
+    with pytest.raises(ToolMissingError, match="^the GPU tool is not installed"):
+        parse_gpu_output("", "", exit_code=127)
+
+
+def test_anything_a_parser_overlooked_becomes_a_parse_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(stdout: str, max_gpus: int) -> list[GpuSample]:
+        raise KeyError("gpu")
+    monkeypatch.setattr(fleetctl.parsers, "parse_amd_smi", broken)
+    with pytest.raises(ParseError, match="unreadable amd-smi output: KeyError") as caught:
+        parse_gpu_output("amd-smi metric --json", "[]")
+    assert isinstance(caught.value.__cause__, KeyError)
+
+
+def test_extra_fields_and_their_values_are_bounded() -> None:
+    card = {f"k{i}": "v" for i in range(100_000)} | {"a" * 1000: "y" * 10_000_000}
+    rocm = parse_gpu_output("rocm-smi --json", json.dumps({"card0": dict(reversed(card.items()))}))[0]
+    assert len(rocm.extra) == MAX_EXTRA_FIELDS and max(map(len, rocm.extra.values())) == MAX_EXTRA_TEXT
+    assert max(map(len, rocm.extra)) == MAX_KEY_TEXT
+    header = ",".join(f"f{i}" for i in range(5000))
+    nvidia = parse_gpu_output("nvidia-smi --query-gpu=x --format=csv", header + "\n" + ",".join("1" * 5000) + "\n")[0]
+    assert len(nvidia.extra) == MAX_EXTRA_FIELDS
+    amd = parse_gpu_output("amd-smi metric --json", json.dumps([{"gpu": 0, "x": "z" * 100_000}]))[0]
+    assert len(amd.extra["x"]) == MAX_EXTRA_TEXT
+
+
+@pytest.mark.parametrize(("command", "text"), [
+    ("nvidia-smi --query-gpu=index,name --format=csv,noheader", "1e300, a\n"),
+    ("nvidia-smi --query-gpu=index,name --format=csv,noheader", "-1, a\n"),
+    ("nvidia-smi --query-gpu=index,name --format=csv,noheader", "2.5, a\n"),
+    ("amd-smi metric --json", '[{"gpu": ' + "9" * 30 + "}]"),  # 5000 digits: json refuses them, a ParseError
+    ("amd-smi metric --json", '[{"gpu": "' + "9" * 5000 + '"}]'),
+    ("amd-smi metric --json", '[{"gpu": -3}]'),
+])
+def test_an_index_no_store_can_hold_is_no_index(command: str, text: str) -> None:
+    gpu = parse_gpu_output(command, text)[0]
+    assert gpu.index in (None, 0)  # amd-smi falls back to the GPU's place in its list
+
+
+def test_a_card_number_past_nine_digits_is_not_a_card() -> None:
+    text = json.dumps({"card" + "9" * 5000: {"GPU use (%)": "1"}, "card2": {"GPU use (%)": "2"}})
+    assert [(s.index, s.utilization_gpu_pct) for s in parse_gpu_output("rocm-smi --json", text)] == [(2, 2)]
+
+
+SEPARATORS = st.sampled_from(["\n", "\r\n", "\r", "\x1e", "\x0b", "\u2028", "\x85"])
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1025, 20_000), SEPARATORS, st.sampled_from(sorted(MILLION_ROWS)))
+def test_fuzz_more_rows_than_gpus(rows: int, sep: str, command: str) -> None:
+    text = "device,GPU use (%)" + sep + MILLION_ROWS[command].format(sep=sep) * rows
+    with pytest.raises(ParseError, match="more than 1024"):
+        parse_gpu_output(command, text)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 300_000), st.text(alphabet=st.characters(blacklist_categories=("Cs", "Zl", "Zp", "Cc")),
+                                         min_size=1, max_size=3), st.sampled_from(["nvidia", "rocm", "amd"]))
+def test_fuzz_long_names_and_uuids_are_cut(length: int, unit: str, tool: str) -> None:
+    long = (unit * (length // len(unit) + 1))[:length].replace(",", ".").replace('"', "'").replace("\\", "/").strip() or "x"
+    if tool == "nvidia":
+        samples = parse_gpu_output("nvidia-smi --query-gpu=index,name,uuid --format=csv,noheader",
+                                   f"0, {long[:100_000]}, {long[:100_000]}\n")
+    elif tool == "rocm":
+        samples = parse_gpu_output("rocm-smi --json", json.dumps({"card0": {"Card Series": long, "Unique ID": long}}))
+    else:
+        samples = parse_gpu_output("amd-smi static --json", json.dumps(
+            [{"gpu": 0, "asic": {"market_name": long, "asic_serial": long}}]))
+    for sample in samples:
+        assert len(sample.name or "") <= MAX_TEXT and len(sample.uuid or "") <= MAX_TEXT
+        assert all(len(v) <= MAX_EXTRA_TEXT for v in sample.extra.values())
 
 
 @settings(max_examples=100, deadline=None)
