@@ -140,6 +140,9 @@ class ControllerSettings(BaseModel):
     # A postgresql:// URL for a store shared by several processes or machines; unset: the SQLite file in
     # the state dir. $FLEETCTL_STORE and --store outrank it (fleetctl.paths.store_url).
     store: Optional[str] = None
+    # Several serves on one store: an agent's lease lasts this long unrenewed; a dead or paused
+    # controller's agents move to the others within lease_s plus lease_s / 3 (fleetctl.leases).
+    lease_s: float = Field(default=15.0, ge=1.0, le=3600)
 
 
 class Inventory:

@@ -1,24 +1,31 @@
-"""``fleetctl serve``: the long-running controller. APScheduler runs each agent's heartbeat on its
-own interval (coalescing missed runs, never two of one agent at once) and, when a job runner is
-attached, a scheduler tick that places, dispatches and collects jobs.
+"""``fleetctl serve``: the long-running controller. APScheduler runs each leased agent's heartbeat
+on its own interval (coalescing missed runs, never two of one agent at once), renews this
+controller's leases every ``lease_s / 3`` (:mod:`fleetctl.leases`: on a shared store, several
+controllers split the fleet and take over each other's agents) and, when a job driver is attached,
+a scheduler tick that places, dispatches and collects jobs on the agents it leases.
 
-A :class:`StoreError` in a heartbeat or a tick stops the controller: a damaged or read-only store
-fails the same way on every later beat, so ``run_until`` re-raises it (one line, non-zero exit)
-instead of logging the same traceback forever."""
+A :class:`StoreError` that says the store itself is broken (damaged, read-only, refused) stops the
+controller: it fails the same way on every later beat, so ``run_until`` re-raises it (one line,
+non-zero exit). One that says the database server is unreachable or busy for now is logged and
+the work retried; the leases lapse meanwhile, and another controller takes the agents over."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
 from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from fleetctl.config import Agent
 from fleetctl.errors import StoreError
 from fleetctl.fleet import Fleet
+from fleetctl.jobs.driver import Driver
+from fleetctl.leases import LeaseChange, Membership
 from fleetctl.telemetry import TelemetrySnapshot
 from fleetctl.text import one_line
 
@@ -27,9 +34,9 @@ RECORD_EVERY_S = 0.5
 
 
 class Controller:
-    def __init__(self, fleet: Fleet, *, tick: Callable[[], None] | None = None) -> None:
+    def __init__(self, fleet: Fleet, *, driver: Driver | None = None) -> None:
         self.fleet = fleet
-        self.tick = tick
+        self.driver = driver
         self.beats = 0
         self.failure: StoreError | None = None
         self._stopping = threading.Event()
@@ -40,9 +47,13 @@ class Controller:
         # 1000 hosts every 5 s that is 2 transactions a second instead of 200.
         self._pending: list[TelemetrySnapshot] = []
         self._pending_lock = threading.Lock()
+        # On the SQLite file the state dir's lock already makes this the only controller.
+        self.membership = Membership(fleet.store, fleet.inventory.names(), fleet.settings.lease_s,
+                                     sole=fleet.store.dialect != "postgresql")
+        self._taken: set[str] = set()  # agents leased since the last tick: it reconciles their jobs first
         self._scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(fleet.max_parallel_ssh), "tick": ThreadPoolExecutor(1),
-                       "record": ThreadPoolExecutor(1)},
+                       "record": ThreadPoolExecutor(1), "leases": ThreadPoolExecutor(1)},
             job_defaults={"coalesce": True, "max_instances": 1},
             timezone=timezone.utc,
         )
@@ -53,23 +64,59 @@ class Controller:
     def interval_of(self, agent: Agent) -> float:
         return agent.heartbeat_interval_s or self.fleet.settings.heartbeat_interval_s
 
+    @property
+    def id(self) -> str:
+        return self.membership.id
+
     def start(self) -> None:
-        agents = list(self.fleet.inventory)
+        """Join the store's controllers, take this one's share of the agents, start beating them."""
+        change = self.membership.renew()  # a store that refuses this fails serve at once, one line
         now = datetime.now(timezone.utc)
-        for position, agent in enumerate(agents):
-            interval = self.interval_of(agent)
-            # Spread first beats over one interval so a big fleet does not beat in lockstep.
-            first = now + timedelta(seconds=interval * position / max(1, len(agents)))
-            self._scheduler.add_job(self._beat, "interval", seconds=interval, args=[agent], id=f"heartbeat:{agent.name}",
-                                    next_run_time=first, misfire_grace_time=max(1, int(interval)))
+        self._apply(change)
+        self._scheduler.add_job(self._renew, "interval", seconds=self.membership.renew_every_s, id="leases",
+                                executor="leases", next_run_time=now + timedelta(seconds=self.membership.renew_every_s),
+                                misfire_grace_time=1)
         self._scheduler.add_job(self._record, "interval", seconds=RECORD_EVERY_S, id="record", executor="record",
                                 next_run_time=now, misfire_grace_time=1)
-        if self.tick is not None:
+        if self.driver is not None:
             tick_s = self.fleet.settings.scheduler_tick_s
             self._scheduler.add_job(self._tick, "interval", seconds=tick_s, id="jobs", executor="tick",
                                     next_run_time=now, misfire_grace_time=max(1, int(tick_s)))
         self._scheduler.start()
-        log.info("serving %d agents", len(agents))
+        log.info("controller %s: serving %d of %d agents", self.id, len(change.acquired), len(self.fleet.inventory))
+
+    def _apply(self, change: LeaseChange) -> None:
+        """Beat the agents just leased (first beats spread over one interval, so a takeover does not
+        beat in lockstep), stop beating those given up."""
+        if change.retired:
+            log.warning("controller %s was given up for dead (stopped or cut off for longer than lease_s = %gs); "
+                        "rejoined as %s", change.retired, self.membership.lease_s, self.id)
+        for name in change.released:
+            with contextlib.suppress(JobLookupError):
+                self._scheduler.remove_job(f"heartbeat:{name}")
+            self.fleet.drop(name)
+        taken = [agent for agent in self.fleet.inventory if agent.name in change.acquired]
+        now = datetime.now(timezone.utc)
+        for position, agent in enumerate(taken):
+            interval = self.interval_of(agent)
+            first = now + timedelta(seconds=interval * position / max(1, len(taken)))
+            self._scheduler.add_job(self._beat, "interval", seconds=interval, args=[agent], id=f"heartbeat:{agent.name}",
+                                    next_run_time=first, misfire_grace_time=max(1, int(interval)), replace_existing=True)
+        with self._pending_lock:
+            self._taken |= change.acquired
+        if self._scheduler.running and (change.acquired or change.released):
+            log.info("controller %s: took %d agents, gave up %d; serving %d", self.id, len(change.acquired),
+                     len(change.released), len(self.membership.fence.tokens))
+
+    def _renew(self) -> None:
+        def renew() -> None:
+            try:
+                change = self.membership.renew()
+            except StoreError as exc:
+                self._store_trouble(exc, "renewing leases")
+                return
+            self._apply(change)
+        self._tracked(renew)
 
     def _tracked(self, work: Callable[[], None]) -> None:
         with self._idle:
@@ -83,6 +130,12 @@ class Controller:
                 self._active -= 1
                 self._idle.notify_all()
 
+    def _store_trouble(self, exc: StoreError, doing: str) -> None:
+        if exc.transient:  # the server is away for now: the leases lapse, the next try may work
+            log.warning("controller %s: store unavailable while %s: %s", self.id, doing, one_line(str(exc)))
+        else:
+            self._fail(exc)
+
     def _fail(self, exc: StoreError) -> None:
         """The first store failure wins; ``run_until`` stops and raises it."""
         with self._idle:
@@ -92,6 +145,8 @@ class Controller:
 
     def _beat(self, agent: Agent) -> None:
         def beat() -> None:
+            if not self.membership.fence.holds(agent.name):
+                return  # the lease lapsed (a pause, the store away): not ours to beat until renewed
             snapshot = self.fleet.heartbeat_one(agent)
             if self._stopping.is_set():
                 return  # stop() closed the connection under it: not a real miss
@@ -107,12 +162,15 @@ class Controller:
         """Write the beats so far in one transaction and log each health change they made."""
         with self._pending_lock:
             batch, self._pending = self._pending, []
+        fence = self.membership.fence
+        # Beats of agents no longer held (this process slept, or gave them up) are stale: not history.
+        batch = [snapshot for snapshot in batch if fence.holds(snapshot.agent)]
         if not batch:
             return
         try:
-            changes = self.fleet.record(batch)
+            changes = self.fleet.record(batch, fence)
         except StoreError as exc:
-            self._fail(exc)
+            self._store_trouble(exc, "writing heartbeats")
             return
         errors = {snapshot.agent: snapshot for snapshot in batch}
         for change in changes:
@@ -124,10 +182,18 @@ class Controller:
     def _tick(self) -> None:
         def tick() -> None:
             try:
-                if self.tick is not None:
-                    self.tick()
+                if self.driver is not None:
+                    with self._pending_lock:
+                        taken, self._taken = self._taken, set()
+                    try:
+                        self.driver.take_over(taken)
+                    except BaseException:
+                        with self._pending_lock:
+                            self._taken |= taken  # the next tick tries again
+                        raise
+                    self.driver.tick(self.membership.fence)
             except StoreError as exc:
-                self._fail(exc)
+                self._store_trouble(exc, "driving jobs")
             except Exception:  # one bad tick must not stop the controller; the next one retries
                 log.exception("scheduler tick failed")
         self._tracked(tick)
@@ -142,6 +208,8 @@ class Controller:
             self._idle.wait_for(lambda: self._active == 0, timeout=grace_s)
         if self.failure is None:
             self.flush()  # the last beats are history too
+            with contextlib.suppress(StoreError):
+                self.membership.leave()  # the others take these agents at their next renewal
         self.fleet.close()
 
     def run_until(self, stop: threading.Event) -> None:

@@ -18,7 +18,8 @@
     │   ├── DriverError        the tool ran but reports a driver/device failure
     │   └── OutputTooLarge     the host sent more than the command's output limit
     ├── SandboxError           the local sandbox fleet could not be started or stopped
-    ├── StoreError             the embedded SQLite store could not be opened or read
+    ├── StoreError             the store could not be opened, read or written
+    ├── LeaseLost              this controller no longer leases the agent it was about to act on
     └── JobError               a queued job could not be placed, run or collected
 
 *Unreachable* (``TransportError``) and *command failed* (``CommandFailed``) are deliberately
@@ -148,7 +149,19 @@ class SandboxError(FleetError):
 
 
 class StoreError(FleetError):
-    """The embedded store (history, health, job queue) could not be opened or read."""
+    """The store (history, health, job queue) could not be opened, read or written.
+
+    ``transient``: the database server was unreachable, restarting or busy, and the same call may
+    succeed later (a serve keeps going); otherwise the store itself is broken and serve stops."""
+
+    def __init__(self, message: str, *, hint: str | None = None, transient: bool = False) -> None:
+        super().__init__(message, hint=hint)
+        self.transient = transient
+
+
+class LeaseLost(FleetError):
+    """This controller no longer holds the agent's lease (it slept past it, or another took over):
+    it must not act on that host; the lease's new holder settles whatever was in flight."""
 
 
 class JobError(FleetError):

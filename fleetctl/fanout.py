@@ -30,7 +30,7 @@ from fleetctl.text import one_line
 if TYPE_CHECKING:
     import pandas as pd
 
-    from fleetctl.fleet import Fleet
+    from fleetctl.hosts import Hosts
 
 # Per host. Smaller than a heartbeat's bound: a fan-out holds every host's output at once.
 MAX_STDOUT = 1024 * 1024
@@ -132,13 +132,13 @@ def remote_command(command: Sequence[str] | str) -> tuple[list[str], str]:
     return argv, shlex.join(argv)
 
 
-def select(fleet: Fleet, agents: str | Sequence[str] | None, labels: Mapping[str, str] | None) -> list[Agent]:
+def select(fleet: Hosts, agents: str | Sequence[str] | None, labels: Mapping[str, str] | None) -> list[Agent]:
     """The named agents (unknown names fail with a did-you-mean), narrowed to those whose labels match the globs."""
     names = [agents] if isinstance(agents, str) else (list(agents) if agents is not None else None)
     return [a for a in fleet.inventory.select(names) if labels_match(labels or {}, a.labels)]
 
 
-def run(fleet: Fleet, command: Sequence[str] | str, *, agents: str | Sequence[str] | None = None,
+def run(fleet: Hosts, command: Sequence[str] | str, *, agents: str | Sequence[str] | None = None,
         labels: Mapping[str, str] | None = None, timeout: float = DEFAULT_TIMEOUT_S,
         max_stdout: int = MAX_STDOUT, max_stderr: int = MAX_STDERR) -> FanoutResult:
     """``command`` on every chosen host in parallel (up to the fleet's cap), each bounded by its
@@ -153,7 +153,7 @@ def run(fleet: Fleet, command: Sequence[str] | str, *, agents: str | Sequence[st
     return FanoutResult(argv, [f.result() for f in futures], time.monotonic() - started)
 
 
-def _run_one(fleet: Fleet, agent: Agent, line: str, timeout: float, max_stdout: int, max_stderr: int) -> HostResult:
+def _run_one(fleet: Hosts, agent: Agent, line: str, timeout: float, max_stdout: int, max_stderr: int) -> HostResult:
     # No retry on a lost connection: unlike a heartbeat, a user's command may not be safe to run twice.
     started = time.monotonic()
     try:

@@ -28,7 +28,7 @@ from fleetctl.errors import (
     TransportError,
 )
 from fleetctl.gpu_tools import DEFAULT_QUERIES
-from fleetctl.jobs.remote import SCAN_MARK, SCAN_SCRIPT, parse_scan_line
+from fleetctl.jobdirs import SCAN_MARK, SCAN_SCRIPT, parse_scan_line
 from fleetctl.parsers import NoGpusError, parse_gpu_output
 from fleetctl.telemetry import GpuSample, HostBasics, Status, TelemetrySnapshot
 from fleetctl.text import one_line

@@ -12,13 +12,15 @@ from fleetctl.durations import seconds_of
 from fleetctl.errors import ConfigError
 from fleetctl.frames import COLUMNS, snapshot_tuples, typed_frame
 from fleetctl.health import Health, HealthPolicy, advance
+from fleetctl.leases import Fence
 from fleetctl.store import Store
 from fleetctl.telemetry import TelemetrySnapshot
 
 if TYPE_CHECKING:
     import pandas as pd
 
-_INSERT = f"INSERT INTO telemetry (ts, {', '.join(COLUMNS)}) VALUES ({', '.join('?' * (len(COLUMNS) + 1))})"
+_INSERT = (f"INSERT INTO telemetry (ts, {', '.join(COLUMNS)}, controller) "
+           f"VALUES ({', '.join('?' * (len(COLUMNS) + 2))})")
 
 
 @dataclass(frozen=True)
@@ -38,14 +40,23 @@ class AgentStatus:
     snapshot: Optional[TelemetrySnapshot]
 
 
-def record(store: Store, snapshots: Iterable[TelemetrySnapshot], policy: HealthPolicy) -> list[Transition]:
-    """Append the snapshots to history and advance each agent's health, in one transaction."""
+def record(store: Store, snapshots: Iterable[TelemetrySnapshot], policy: HealthPolicy,
+           fence: Fence | None = None) -> list[Transition]:
+    """Append the snapshots to history and advance each agent's health, in one transaction. With a
+    ``fence`` (a controller of a shared store), only beats of agents whose lease it still holds with
+    the same token are written; the rest are dropped (another controller has taken those agents)."""
     snapshots = list(snapshots)
     if not snapshots:
         return []
-    rows = [(snap.timestamp.timestamp(), *row) for snap in snapshots for row in snapshot_tuples([snap])]
     transitions = []
     with store.transaction() as db:
+        if fence is not None:
+            held = fence.held_tokens(db, store)
+            snapshots = [snap for snap in snapshots if held.get(snap.agent, -1) == fence.tokens.get(snap.agent)]
+            if not snapshots:
+                return []
+        writer = fence.controller if fence is not None else None
+        rows = [(snap.timestamp.timestamp(), *row, writer) for snap in snapshots for row in snapshot_tuples([snap])]
         db.executemany(_INSERT, rows)
         names = [s.agent for s in snapshots]
         known = {row[0]: Health(*row[1:]) for row in db.execute(

@@ -56,6 +56,21 @@ _SCHEMA = [
     );
     CREATE INDEX job_events_job ON job_events (job_id, ts);
     """,
+    # 2: several controllers on one store (fleetctl.leases). Each live controller has a row it renews;
+    # each agent has at most one lease, and its token grows with every new holder. Rows written by a
+    # controller name it, so a fenced one can be shown to have written nothing.
+    """
+    CREATE TABLE controllers (
+        id TEXT PRIMARY KEY, host TEXT NOT NULL, pid INTEGER NOT NULL, started REAL NOT NULL,
+        seen REAL NOT NULL, expires REAL NOT NULL, stopped REAL
+    );
+    CREATE TABLE leases (
+        agent TEXT PRIMARY KEY, controller TEXT, token INTEGER NOT NULL DEFAULT 0, expires REAL NOT NULL DEFAULT 0
+    );
+    CREATE INDEX leases_controller ON leases (controller);
+    ALTER TABLE telemetry ADD COLUMN controller TEXT;
+    ALTER TABLE job_events ADD COLUMN controller TEXT;
+    """,
 ]
 
 
@@ -122,6 +137,7 @@ _PG_BUG = ("was used wrongly (a fleetctl bug)", "report it with the command that
 _BY_SQLSTATE: dict[str, tuple[str, str]] = {
     "08": _PG_UNREACHABLE,                                              # connection exception
     "57P01": _PG_UNREACHABLE, "57P02": _PG_UNREACHABLE, "57P03": _PG_UNREACHABLE,  # shut down / starting up
+    "25P03": _PG_UNREACHABLE,  # idle-in-transaction timeout: this process slept inside a transaction
     "28": ("refused the login", "check the user and password in the store URL, and pg_hba.conf"),
     "3D": ("has no such database", "create it (createdb), or " + _PG_URL),
     "42501": ("refused access (insufficient privilege)", "grant the store's user rights on its database"),
@@ -169,9 +185,11 @@ def _postgres_entry(exc: Exception) -> tuple[str, str]:
 def store_error(where: Path | str, exc: Exception) -> StoreError:
     """The one translation of a database error (``sqlite3`` or ``psycopg``), naming the store (a
     file, or a URL without its password): ``raise store_error(store.label, exc) from exc``."""
-    what, fix = _sqlite_entry(exc) if isinstance(exc, sqlite3.Error) else _postgres_entry(exc)
+    entry = _sqlite_entry(exc) if isinstance(exc, sqlite3.Error) else _postgres_entry(exc)
+    what, fix = entry
     detail = " ".join(str(exc).split()) or type(exc).__name__
-    return StoreError(f"the store {where} {what}: {detail}", hint=fix)
+    return StoreError(f"the store {where} {what}: {detail}", hint=fix,
+                      transient=entry in (_PG_UNREACHABLE, _PG_BUSY))
 
 
 def _os_error(path: Path, exc: OSError) -> StoreError:
@@ -201,6 +219,10 @@ class Store:
     its threads under a lock (SQLite serialises writers anyway; this keeps Python's connection object
     safe). A backend overrides ``__init__``, ``transaction``, ``query``, ``close``, ``label`` and the
     three migration hooks; the schema and the migration loop are shared."""
+
+    dialect = "sqlite"
+    # The database's own clock, in Unix seconds, as SQL: leases expire by one clock for every controller.
+    clock_sql = "((julianday('now') - 2440587.5) * 86400.0)"
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -276,10 +298,12 @@ class Store:
         return statement
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[Connection]:
+    def transaction(self, *, serialized: bool = True) -> Iterator[Connection]:
         """``BEGIN IMMEDIATE``: take the write lock up front, so two processes never deadlock
         upgrading read locks; commit on success, roll back on any error. A ``sqlite3`` error
-        raised inside the block leaves as a :class:`StoreError` too."""
+        raised inside the block leaves as a :class:`StoreError` too. ``serialized=False`` says the
+        block is safe alongside other writers (row locks and compare-and-set): SQLite serializes
+        every writer anyway; PostgreSQL then skips its store-wide write lock."""
         with self._lock, self._translated():
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -291,6 +315,10 @@ class Store:
                     if self._db.in_transaction:
                         self._db.execute("ROLLBACK")
                 raise
+
+    def now(self) -> float:
+        """The database's clock (Unix seconds): what lease expiry is measured by."""
+        return float(self.query(f"SELECT {self.clock_sql}")[0][0])
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         with self._lock, self._translated():

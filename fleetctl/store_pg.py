@@ -32,6 +32,7 @@ CONNECT_TIMEOUT_S = 10
 # at its end, so a crashed process never holds it. Another application on the same database would
 # only contend if it picked the very same key.
 WRITE_LOCK_KEY = 0x666C656574637463
+IDLE_IN_TRANSACTION_MS = 2000  # no fleetctl transaction waits on its client this long
 
 # SQLite DDL -> PostgreSQL DDL, applied in order to each statement of _SCHEMA.
 _DDL_REWRITES: tuple[tuple[re.Pattern[str], str], ...] = (
@@ -99,6 +100,16 @@ def _row_factory(cursor: psycopg.Cursor[Any]) -> Any:
     return lambda values: PgRow(values, index)
 
 
+def _storable(value: Any) -> Any:
+    # PostgreSQL's text cannot hold NUL, which SQLite stores; a host may send it (hostile tool output).
+    # The replacement character keeps "something was here" visible, as text.visible() does on screen.
+    return value.replace("\x00", "\ufffd") if isinstance(value, str) and "\x00" in value else value
+
+
+def _row(parameters: Iterable[Any]) -> tuple[Any, ...]:
+    return tuple(_storable(value) for value in parameters)
+
+
 class _PgConnection:
     """What a transaction block gets: ``execute``/``executemany`` with SQLite's ``?`` placeholders."""
 
@@ -106,11 +117,11 @@ class _PgConnection:
         self._conn = conn
 
     def execute(self, sql: str, parameters: Any = (), /) -> Cursor:
-        return self._conn.execute(placeholders(sql), tuple(parameters))
+        return self._conn.execute(placeholders(sql), _row(parameters))
 
     def executemany(self, sql: str, parameters: Iterable[Any], /) -> Cursor:
         cursor = self._conn.cursor()
-        cursor.executemany(placeholders(sql), [tuple(p) for p in parameters])
+        cursor.executemany(placeholders(sql), [_row(p) for p in parameters])
         return cursor
 
 
@@ -118,6 +129,9 @@ class PostgresStore(Store):
     """One connection per process, shared by its threads under a lock, in autocommit mode outside
     ``transaction()`` (a query sees every committed write at once). A connection the server dropped
     (restart, failover) is replaced at the next use; the failed call itself still raises."""
+
+    dialect = "postgresql"
+    clock_sql = "EXTRACT(EPOCH FROM clock_timestamp())::float8"
 
     def __init__(self, url: str) -> None:  # no super().__init__: that one opens the SQLite file
         self.url = url
@@ -136,8 +150,12 @@ class PostgresStore(Store):
         if self._closed:
             raise psycopg.InterfaceError("the store was closed")
         if self._conn is None or self._conn.closed:
+            # A process stopped (SIGSTOP, a debugger, a VM pause) inside a transaction must not hold
+            # its locks for as long as it sleeps: the server ends such a session, the transaction
+            # rolls back, and the process reconnects when it wakes.
             self._conn = psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
-                                         application_name="fleetctl", row_factory=_row_factory)
+                                         application_name="fleetctl", row_factory=_row_factory,
+                                         options=f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_MS}")
         return self._conn
 
     @contextlib.contextmanager
@@ -166,18 +184,21 @@ class PostgresStore(Store):
 
     # -- the interface ---------------------------------------------------------------------
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[Connection]:
+    def transaction(self, *, serialized: bool = True) -> Iterator[Connection]:
         """``BEGIN`` and the write lock, so writers take turns as on SQLite; commit on success,
-        roll back on any error. A ``psycopg`` error raised inside leaves as a :class:`StoreError`."""
+        roll back on any error. A ``psycopg`` error raised inside leaves as a :class:`StoreError`.
+        ``serialized=False``: no store-wide lock, for blocks that lock their own rows (a job claim
+        with ``FOR UPDATE SKIP LOCKED``, a fenced write with ``FOR SHARE`` on its leases)."""
         with self._lock, self._translated():
             conn = self._connection()
             with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK_KEY,))
+                if serialized:
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK_KEY,))
                 yield _PgConnection(conn)
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         with self._lock, self._translated():
-            return list(self._connection().execute(placeholders(sql), tuple(params)).fetchall())
+            return list(self._connection().execute(placeholders(sql), _row(params)).fetchall())
 
     def close(self) -> None:
         with self._lock:

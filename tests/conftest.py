@@ -13,12 +13,37 @@ import pytest
 
 from fleetctl.sandbox import HostSpec, Sandbox
 from fleetctl.sandbox.netns import available as netns_available
-from tests.postgres import make_store, postgres_cluster, postgres_url, store_url  # noqa: F401  (fixtures)
+from tests.postgres import (  # noqa: F401  (fixtures)
+    add_backend_option,
+    backend,
+    backend_store_for_module,
+    backend_store_for_test,
+    make_store,
+    postgres_cluster,
+    postgres_url,
+    select_for_backend,
+    store_url,
+)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    add_backend_option(parser)  # --store-backend=sqlite|postgres
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    if backend(config) == "postgres":
+        return "store backend: postgres ($FLEETCTL_STORE: a new database of a private cluster per test)"
+    return "store backend: sqlite (the file in each test's state dir)"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    select_for_backend(config, items)
 
 
 @pytest.fixture(autouse=True)
-def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Tests never read or write the real user's ~/.ssh, config or state."""
+def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Path:
+    """Tests never read or write the real user's ~/.ssh, config or state. With ``--store-backend=postgres``
+    their store is a new PostgreSQL database, through ``$FLEETCTL_STORE``."""
     home = tmp_path / "home"
     (home / ".ssh").mkdir(parents=True)
     monkeypatch.setenv("HOME", str(home))
@@ -33,6 +58,7 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     # in-process, so a test that passes it never leaks it into the next.
     monkeypatch.setenv("FLEETCTL_STORE", "")
     monkeypatch.delenv("FLEETCTL_STORE")
+    backend_store_for_test(request, monkeypatch)
     return home
 
 

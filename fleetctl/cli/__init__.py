@@ -14,6 +14,7 @@ import click
 
 from fleetctl import __version__
 from fleetctl.cli.agents import agents_group, register_ssh_command
+from fleetctl.cli.cluster import controllers_command
 from fleetctl.cli.common import Settings, common_options, err, out
 from fleetctl.cli.fleet import demo_command, heartbeat_command, sandbox_group
 from fleetctl.cli.jobs import drain_command, jobs_group, submit_command, undrain_command
@@ -55,6 +56,7 @@ agents_group.add_command(undrain_command)
 agents_group.add_command(trust_command)
 cli.add_command(doctor_command)
 cli.add_command(serve_command)
+cli.add_command(controllers_command)
 cli.add_command(top_command)
 cli.add_command(telemetry_group)
 cli.add_command(sandbox_group)

@@ -12,8 +12,9 @@ from fleetctl.cli.common import common_options, out, print_json, settings
 from fleetctl.cli.progress import host_progress
 from fleetctl.cli.tables import fleet_table
 from fleetctl.config import load_config
-from fleetctl.fleet import DEFAULT_MAX_PARALLEL_SSH, Fleet
+from fleetctl.fleet import Fleet
 from fleetctl.frames import append_csv, csv_target
+from fleetctl.hosts import DEFAULT_MAX_PARALLEL_SSH
 from fleetctl.registration import register_ssh
 from fleetctl.sandbox import Sandbox, default_hosts, sandbox_dir
 from fleetctl.sandbox.postgres import PostgresCluster, set_inventory_store

@@ -14,7 +14,8 @@ from fleetctl.cli.tables import Column, list_table
 from fleetctl.config import load_config
 from fleetctl.errors import ConfigError, JobError
 from fleetctl.fleet import Fleet
-from fleetctl.jobs.api import NO_CONTROLLER, cancel_job, refresh_reasons
+from fleetctl.jobs.api import cancel_job, refresh_reasons
+from fleetctl.jobs.driver import NO_CONTROLLER
 from fleetctl.jobs.model import FINAL_STATES, JobRecord, parse_duration
 from fleetctl.jobs.queue import JobQueue
 from fleetctl.text import one_line, visible

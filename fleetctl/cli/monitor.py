@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import sys
@@ -22,8 +23,7 @@ from fleetctl.controller import Controller
 from fleetctl.errors import FleetError, UnknownAgentError
 from fleetctl.fleet import Fleet
 from fleetctl.frames import csv_text, write_csv
-from fleetctl.jobs.api import controller_lock
-from fleetctl.jobs.runner import JobRunner
+from fleetctl.jobs.driver import Driver, controller_lock
 from fleetctl.metrics import parse_address, serve_metrics
 
 
@@ -50,16 +50,16 @@ def serve_command(no_jobs: bool, metrics_at: str | None) -> None:
     logging.getLogger("paramiko").setLevel(logging.WARNING)  # one "Connected" line per reconnect is noise
     s = settings()
     fleet = Fleet(load_config(s.config_path), state_dir=s.state_path)
-    with controller_lock(fleet.state_dir, wait_s=30.0) as mine:
+    # On the SQLite file one serve drives a state dir (the lock); on a shared store several serve
+    # together, the leases in the store deciding who drives which agent.
+    shared = fleet.store.dialect == "postgresql"
+    lock = contextlib.nullcontext(True) if shared else controller_lock(fleet.state_dir, wait_s=30.0)
+    with lock as mine:
         if not mine:
             raise FleetError(f"another fleetctl serve is driving {fleet.state_dir}",
                              hint="stop it first, or use another --state-dir")
-        tick = None
-        if not no_jobs:
-            runner = JobRunner(fleet)
-            runner.reconcile()
-            tick = runner.tick
-        controller = Controller(fleet, tick=tick)
+        # The first tick settles the ``dispatching`` jobs of every agent this controller leases.
+        controller = Controller(fleet, driver=None if no_jobs else Driver(fleet))
         metrics = None
         if metrics_address is not None:
             if not metrics_address.loopback:
@@ -71,7 +71,8 @@ def serve_command(no_jobs: bool, metrics_at: str | None) -> None:
                                     max_age_s=max(60.0, 3 * longest), store_url=fleet.store_url)
             err.print(f"fleetctl serve: metrics on {metrics.url}", markup=False)
         stop = _stop_on_signals()
-        err.print(f"fleetctl serve: {len(fleet.inventory)} agents, state in {fleet.state_dir}; Ctrl-C to stop", markup=False)
+        where = f"store {fleet.store.label}, controller {controller.id}" if shared else f"state in {fleet.state_dir}"
+        err.print(f"fleetctl serve: {len(fleet.inventory)} agents, {where}; Ctrl-C to stop", markup=False)
         try:
             controller.run_until(stop)
         finally:

@@ -18,7 +18,7 @@ from rich.console import Console, ConsoleOptions, Group, RenderResult
 from rich.table import Table
 from rich.text import Text
 
-from fleetctl.fleet import HeartbeatRound
+from fleetctl.hosts import HeartbeatRound
 from fleetctl.telemetry import GpuSample, TelemetrySnapshot
 from fleetctl.text import one_line
 

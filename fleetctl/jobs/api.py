@@ -1,114 +1,53 @@
 """The job handle users hold: ``job = fleet.submit(...)``; ``job.wait()``, ``job.result``,
 ``job.logs()``, ``job.cancel()``.
 
-A ``serve`` process normally drives the queue. Without one, ``wait()`` drives it in-process
-(heartbeat, then a runner tick, once a second), so a notebook needs nothing else running. The
-controller lock in the state dir makes sure only one process drives at a time."""
+A ``serve`` process normally drives the queue. Without one, ``wait()`` drives it in-process with the
+same :class:`~fleetctl.jobs.driver.Driver` (heartbeat, then a runner tick, once a second), so a
+notebook needs nothing else running. The controller lock in the state dir makes sure only one
+process drives at a time."""
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from fleetctl.errors import JobError, StoreError
+from fleetctl.hosts import Hosts
+from fleetctl.jobs.driver import Driver, controller_live, no_controller_reason
 from fleetctl.jobs.model import JobRecord, JobResult, JobSpec, JobState
 from fleetctl.jobs.queue import JobQueue
+from fleetctl.jobs.runner import JobRunner
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from fleetctl.fleet import Fleet
-
-LOCK_NAME = "controller.lock"
-# A driver touches the lock file every tick; `jobs wait` lets go of the lock between its cycles, so
-# "live" is "the lock is held, or was used this recently".
-LIVE_S = 5.0
-NO_CONTROLLER = "no controller is driving the queue"
-
-
-@contextlib.contextmanager
-def controller_lock(state_dir: Path, *, wait_s: float = 0.0) -> Iterator[bool]:
-    """Yields True if this process now drives the queue, False if another still held the lock
-    after ``wait_s`` seconds (a ``jobs wait`` holds it for one short cycle at a time; a ``serve``
-    holds it for its lifetime)."""
-    try:
-        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        handle = open(state_dir / LOCK_NAME, "a")  # noqa: SIM115 (closed by the with below)
-    except OSError as exc:  # a read-only or foreign state dir: one line, not `internal error: OSError`
-        raise StoreError(f"cannot take the controller lock in {state_dir}: {exc.strerror or exc}",
-                         hint="make the state dir writable, or pick another with --state-dir / FLEETCTL_STATE_DIR") from exc
-    deadline = time.monotonic() + wait_s
-    with handle:
-        while True:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    yield False
-                    return
-                time.sleep(0.1)
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def mark_driving(state_dir: Path) -> None:
-    with contextlib.suppress(OSError):
-        os.utime(state_dir / LOCK_NAME)
-
-
-def controller_live(state_dir: Path) -> bool:
-    """Is some process driving the queue now? Never blocks."""
-    try:
-        if time.time() - (state_dir / LOCK_NAME).stat().st_mtime < LIVE_S:
-            return True
-        with controller_lock(state_dir) as free:
-            return not free
-    except (OSError, StoreError):
-        return False  # no lock file (never driven) or a state dir we cannot use
-
-
-def no_controller_reason(job_id: str) -> str:
-    return f"{NO_CONTROLLER}: run `fleetctl serve` or `fleetctl jobs wait {job_id}`"
-
-
-def refresh_reasons(fleet: Fleet) -> bool:
+def refresh_reasons(fleet: Hosts) -> bool:
     """What a reader of the queue does when nobody drives it: every queued job says so. True if a
     controller is live (its tick keeps the reasons current)."""
     queue = JobQueue(fleet.store)
     queued = queue.list(("queued",))
-    if not queued or controller_live(fleet.state_dir):
+    if not queued or controller_live(fleet):
         return True
     for job in queued:
         queue.set_reason(job.id, no_controller_reason(job.id))
     return False
 
 
-def drive_once(fleet: Fleet) -> bool:
-    """One heartbeat round and one runner tick, if no other process is driving. True if it drove."""
-    from fleetctl.jobs.runner import JobRunner
-
-    with controller_lock(fleet.state_dir) as mine:
-        if not mine:
-            return False
-        runner = JobRunner(fleet)
-        runner.reconcile()
-        fleet.heartbeat()
-        runner.tick()
-        return True
+def drive_once(hosts: Hosts) -> bool:
+    """One in-process cycle of the queue (:meth:`Driver.cycle`), if no other process is driving. True if it drove."""
+    driver = Driver(hosts)
+    try:
+        return driver.cycle()
+    finally:
+        driver.close()
 
 
 class Job:
-    def __init__(self, fleet: Fleet, job_id: str) -> None:
+    def __init__(self, fleet: Hosts, job_id: str) -> None:
         self.fleet = fleet
         self.id = job_id
 
@@ -127,16 +66,20 @@ class Job:
     def wait(self, timeout: float | None = None, poll_s: float = 1.0) -> JobRecord:
         """Until the job ends; drives the queue itself when no ``serve`` is running."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            record = self.record
-            if record.done:
-                return record
-            if deadline is not None and time.monotonic() >= deadline:
-                raise JobError(f"job {self.id} still {record.state} after {timeout:g}s",
-                               hint=f"`fleetctl jobs wait {self.id}` to keep waiting")
-            started = time.monotonic()
-            drive_once(self.fleet)
-            time.sleep(max(0.0, poll_s - (time.monotonic() - started)))
+        driver = Driver(self.fleet)
+        try:
+            while True:
+                record = self.record
+                if record.done:
+                    return record
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise JobError(f"job {self.id} still {record.state} after {timeout:g}s",
+                                   hint=f"`fleetctl jobs wait {self.id}` to keep waiting")
+                started = time.monotonic()
+                driver.cycle()
+                time.sleep(max(0.0, poll_s - (time.monotonic() - started)))
+        finally:
+            driver.close()
 
     def logs(self, stream: str = "stdout") -> str:
         """The collected log once the job ended; while it runs, the remote log so far."""
@@ -164,7 +107,7 @@ class Job:
         return str(jobs_frame([self.record]).to_html(index=False, na_rep=""))
 
 
-def submit(fleet: Fleet, command: list[str] | str, **options: Any) -> Job:
+def submit(fleet: Hosts, command: list[str] | str, **options: Any) -> Job:
     """Queue a job; durable when this returns. ``command`` is argv (a string runs via ``sh -c``)."""
     argv = ["sh", "-c", command] if isinstance(command, str) else list(command)
     if options.get("agent"):
@@ -177,16 +120,14 @@ def submit(fleet: Fleet, command: list[str] | str, **options: Any) -> Job:
         raise JobError(f"job {field}: {str(error['msg']).removeprefix('Value error, ')}") from None
     queue = JobQueue(fleet.store)
     job = queue.submit(spec)
-    live = controller_live(fleet.state_dir)
+    live = controller_live(fleet)
     queue.set_reason(job.id, "waiting for the controller's next tick" if live else no_controller_reason(job.id))
     return Job(fleet, job.id)
 
 
-def cancel_job(fleet: Fleet, job_id: str, force: bool = False) -> JobRecord:
+def cancel_job(fleet: Hosts, job_id: str, force: bool = False) -> JobRecord:
     """Queued: cancelled at once. Running: SIGTERM now (SIGKILL after a grace period, or now with
     ``force``); the job reads ``cancelled`` once its result is collected."""
-    from fleetctl.jobs.runner import JobRunner
-
     queue = JobQueue(fleet.store)
     job = queue.get(job_id)
     if job.done:

@@ -1,5 +1,11 @@
-"""The durable job queue, in the same store as history (SQLite or PostgreSQL: the SQL here runs on both). Every state change is a
-compare-and-set (``expect=``), so a ``serve`` process and a CLI cancel can never both win."""
+"""The durable job queue, in the same store as history (SQLite or PostgreSQL: the SQL here runs on
+both). Job state is written only here, by the named transitions below; each is a compare-and-set
+(``expect=``), so a ``serve`` process and a CLI cancel can never both win.
+
+A queue opened with a :class:`~fleetctl.leases.Fence` (a controller of a shared store) also checks,
+in the same statement, that its controller still holds the lease of the job's agent: a controller
+that lost the agent (died, paused, partitioned) cannot move the job any more. Claims lock the job
+row with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so controllers never wait on each other's claims."""
 
 from __future__ import annotations
 
@@ -13,7 +19,8 @@ from typing import Any
 from fleetctl.durations import utc
 from fleetctl.errors import JobError
 from fleetctl.jobs.model import JobRecord, JobResult, JobSpec, JobState
-from fleetctl.store import Row, Store
+from fleetctl.leases import Fence
+from fleetctl.store import Connection, Row, Store
 
 _COLUMNS = ("id", "name", "state", "priority", "spec", "agent", "gpus", "remote_dir", "attempt", "submitted",
             "dispatched", "started", "finished", "exit_code", "signal", "reason", "result", "cancel_requested")
@@ -34,8 +41,13 @@ def _record(row: Row) -> JobRecord:
 
 
 class JobQueue:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, fence: Fence | None = None) -> None:
         self.store = store
+        self.fence = fence  # set by a controller: every transition it makes is fenced by its leases
+
+    @property
+    def _writer(self) -> str | None:
+        return self.fence.controller if self.fence is not None else None
 
     def submit(self, spec: JobSpec) -> JobRecord:
         """Durable when this returns: the row is committed (WAL) before the id is handed out."""
@@ -67,17 +79,29 @@ class JobQueue:
                                 tuple(states or ()))
         return [_record(r) for r in rows]
 
-    def update(self, job_id: str, *, expect: Sequence[JobState] | None = None, event: str | None = None,
-               detail: str | None = None, **fields: Any) -> bool:
-        """Set ``fields`` if the job is in one of ``expect``; False (and nothing written) if not."""
-        return self._cas(job_id, expect, "", (), event, detail, fields)
-
     # -- named transitions: each state change written once, as a compare-and-set ------------------
     def claim(self, job_id: str, agent: str, gpus: builtins.list[str], attempt: int) -> bool:
-        """queued -> dispatching as ``attempt`` on ``agent``; False if someone else moved it first."""
-        return self._cas(job_id, ("queued",), "attempt = ?", (attempt - 1,), "dispatching", agent,
-                         {"state": "dispatching", "agent": agent, "gpus": gpus, "attempt": attempt,
-                          "dispatched": time.time(), "remote_dir": None, "reason": None})
+        """queued -> dispatching as ``attempt`` on ``agent``; False if someone else moved it first,
+        or is claiming it right now, or (fenced) this controller no longer holds ``agent``."""
+        if self.fence is not None and not self.fence.holds(agent):
+            return False
+        fields = {"state": "dispatching", "agent": agent, "gpus": gpus, "attempt": attempt,
+                  "dispatched": time.time(), "remote_dir": None, "reason": None}
+        if self.store.dialect != "postgresql":  # SQLite: one writer at a time, the compare-and-set is the claim
+            return self._cas(job_id, ("queued",), "attempt = ?", (attempt - 1,), "dispatching", agent, fields,
+                             agent_param=agent)
+        with self.store.transaction(serialized=False) as db:
+            # The claiming transaction locks the row; a controller claiming the same job skips it.
+            if db.execute("SELECT id FROM jobs WHERE id = ? AND state = 'queued' AND attempt = ? FOR UPDATE SKIP LOCKED",
+                          (job_id, attempt - 1)).fetchone() is None:
+                return False
+            if self.fence is not None and self.fence.held_tokens(db, self.store).get(agent) != self.fence.tokens.get(agent):
+                return False  # the lease row stays share-locked to commit: a takeover waits for it
+            return self._write(db, job_id, ("queued",), "", (), "dispatching", agent, fields, agent)
+
+    def set_remote_dir(self, job_id: str, remote_dir: str) -> bool:
+        """Where the dispatching attempt's files are, once ``mktemp -d`` made the directory."""
+        return self._cas(job_id, ("dispatching",), "", (), None, None, {"remote_dir": remote_dir})
 
     def requeue(self, job_id: str, *, expect: Sequence[JobState], event: str, detail: str | None, reason: str | None,
                 keep_location: bool = False) -> bool:
@@ -153,7 +177,16 @@ class JobQueue:
         return rows[0]["ts"] if rows else None
 
     def _cas(self, job_id: str, expect: Sequence[JobState] | None, guard: str, guard_params: tuple[Any, ...],
-             event: str | None, detail: str | None, fields: dict[str, Any]) -> bool:
+             event: str | None, detail: str | None, fields: dict[str, Any], agent_param: str | None = None) -> bool:
+        with self.store.transaction() as db:
+            return self._write(db, job_id, expect, guard, guard_params, event, detail, fields, agent_param)
+
+    def _write(self, db: Connection, job_id: str, expect: Sequence[JobState] | None, guard: str,
+               guard_params: tuple[Any, ...], event: str | None, detail: str | None, fields: dict[str, Any],
+               agent_param: str | None) -> bool:
+        """The one UPDATE of job state. Fenced: only while this controller holds the lease of the
+        job's agent (``agent_param`` when the transition moves it to an agent; a job on no agent
+        yet, queued, is anyone's)."""
         values = {k: _column_value(v) for k, v in fields.items()}
         values["updated"] = time.time()
         sql = f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in values)} WHERE id = ?"
@@ -164,17 +197,20 @@ class JobQueue:
         if guard:
             sql += f" AND {guard}"
             params.extend(guard_params)
-        with self.store.transaction() as db:
-            changed = db.execute(sql, params).rowcount == 1
-            if changed and event:
-                db.execute("INSERT INTO job_events (job_id, ts, event, detail) VALUES (?,?,?,?)",
-                           (job_id, time.time(), event, detail))
+        if self.fence is not None:
+            fenced, fence_params = self.fence.guard("?" if agent_param else "jobs.agent", self.store)
+            sql += f" AND {fenced}" if agent_param else f" AND (jobs.agent IS NULL OR {fenced})"
+            params.extend((agent_param, *fence_params) if agent_param else fence_params)
+        changed = db.execute(sql, params).rowcount == 1
+        if changed and event:
+            db.execute("INSERT INTO job_events (job_id, ts, event, detail, controller) VALUES (?,?,?,?,?)",
+                       (job_id, time.time(), event, detail, self._writer))
         return changed
 
     def note(self, job_id: str, event: str, detail: str | None = None) -> None:
         with self.store.transaction() as db:
-            db.execute("INSERT INTO job_events (job_id, ts, event, detail) VALUES (?,?,?,?)",
-                       (job_id, time.time(), event, detail))
+            db.execute("INSERT INTO job_events (job_id, ts, event, detail, controller) VALUES (?,?,?,?,?)",
+                       (job_id, time.time(), event, detail, self._writer))
 
     def events(self, job_id: str) -> builtins.list[tuple[float, str, str | None]]:
         rows = self.store.query("SELECT ts, event, detail FROM job_events WHERE job_id = ? ORDER BY ts, rowid", (job_id,))

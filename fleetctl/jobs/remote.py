@@ -1,6 +1,6 @@
 """The remote half of a job, as POSIX ``sh`` text built here (pure functions, no I/O).
 
-A job attempt lives in a private directory ``${TMPDIR:-/tmp}/fleetctl-job-<id>-a<attempt>.XXXXXXXX``
+A job attempt lives in a private directory ``${TMPDIR:-/tmp}/fleetctl-job-<id>-a<attempt>-<agent>.XXXXXXXX``
 made by ``mktemp -d`` (mode 0700, unpredictable suffix). In it:
 
     job.json      what the job sees at $FLEETCTL_JOB_FILE (uploaded over SFTP)
@@ -12,28 +12,18 @@ made by ``mktemp -d`` (mode 0700, unpredictable suffix). In it:
     cancelled, timed_out   markers written before the signals are sent
     result.json   exit code, signal and times; written to a temp name then renamed
 
-Every value that reaches the shell goes through ``shlex.quote``.
+Every value that reaches the shell goes through ``shlex.quote``. The directory's name and the scan
+each heartbeat makes of such directories are host-level (``fleetctl/jobdirs.py``).
 """
 
 from __future__ import annotations
 
-import re
 import shlex
-from dataclasses import dataclass
 
+from fleetctl.jobdirs import DIR_PATTERN, dir_prefix
 from fleetctl.jobs.model import JobSpec
 
-SCAN_MARK = "\x1efleetctl-job"
-# The agent's name is part of it: hosts that share a /tmp (agents on one machine) must not act
-# on each other's jobs.
-DIR_PATTERN = re.compile(r"/fleetctl-job-(j[0-9a-f]+)-a(\d+)-([A-Za-z0-9._-]+)\.[A-Za-z0-9]{8}/?$")
 KILL_GRACE_S = 10
-
-
-def dir_prefix(job_id: str, attempt: int, agent: str) -> str:
-    prefix = f"fleetctl-job-{job_id}-a{attempt}-{agent}"
-    assert re.fullmatch(r"[A-Za-z0-9._-]+", prefix)  # nothing in it needs quoting
-    return prefix
 
 
 def make_dir_command(job_id: str, attempt: int, agent: str) -> str:
@@ -127,33 +117,3 @@ def remove_command(remote_dir: str) -> str:
     if not DIR_PATTERN.search(remote_dir):  # never rm -rf anything but a job directory
         raise ValueError(f"refusing to remove {remote_dir!r}: not a fleetctl job directory")
     return f"rm -rf -- {shlex.quote(remote_dir)}"
-
-
-# Appended to every heartbeat: one line per job directory with its state, no extra round trip.
-SCAN_SCRIPT = (
-    'for d in "${TMPDIR:-/tmp}"/fleetctl-job-*; do [ -d "$d" ] || continue; '
-    'if [ -f "$d/result.json" ]; then s=done; '
-    'elif [ -f "$d/wrapper" ]; then if kill -0 "$(cat "$d/wrapper")" 2>/dev/null; then s=running; else s=vanished; fi; '
-    'elif [ -d "$d/started" ]; then s=starting; else s=new; fi; '
-    f"printf '{SCAN_MARK} %s %s\\n' \"$s\" \"$d\"; done"
-)
-
-
-@dataclass(frozen=True)
-class RemoteJobDir:
-    path: str
-    state: str  # new, starting, running, done, vanished
-    job_id: str
-    attempt: int
-    agent: str
-
-
-def parse_scan_line(line: str) -> RemoteJobDir | None:
-    parts = line.removeprefix(SCAN_MARK).strip().split(" ", 1)
-    if len(parts) != 2:
-        return None
-    state, path = parts
-    match = DIR_PATTERN.search(path)
-    if not match or state not in ("new", "starting", "running", "done", "vanished"):
-        return None
-    return RemoteJobDir(path, state, match.group(1), int(match.group(2)), match.group(3))

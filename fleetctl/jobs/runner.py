@@ -19,25 +19,23 @@ from pathlib import Path
 
 from fleetctl.config import Agent
 from fleetctl.durations import utc
-from fleetctl.errors import FleetError, JobError, TransportError
-from fleetctl.fleet import Fleet
+from fleetctl.errors import FleetError, JobError, LeaseLost, TransportError
 from fleetctl.history import AgentStatus, agent_statuses
-from fleetctl.jobs.api import mark_driving
+from fleetctl.hosts import Hosts
+from fleetctl.jobdirs import RemoteJobDir, dir_prefix, parse_scan_line
 from fleetctl.jobs.model import ACTIVE_STATES, JobRecord, JobResult, JobState
 from fleetctl.jobs.placement import Candidate, never_satisfiable, place, waiting_reason
 from fleetctl.jobs.queue import JobQueue
 from fleetctl.jobs.remote import (
     LAUNCH_ALREADY_STARTED,
-    RemoteJobDir,
     cancel_command,
-    dir_prefix,
     gpu_environment,
     launch_command,
     make_dir_command,
-    parse_scan_line,
     remove_command,
     wrapper_script,
 )
+from fleetctl.leases import Fence
 from fleetctl.telemetry import GpuSample
 from fleetctl.text import one_line
 from fleetctl.transport import Connection
@@ -64,14 +62,24 @@ def _failpoint(name: str, conn: Connection | None = None) -> None:
 
 
 class JobRunner:
-    def __init__(self, fleet: Fleet) -> None:
+    def __init__(self, fleet: Hosts) -> None:
         self.fleet = fleet
         self.queue = JobQueue(fleet.store)
         self.results_dir = fleet.state_dir / "jobs"
+        self.fence: Fence | None = None
+
+    def use_fence(self, fence: Fence | None) -> None:
+        """A controller of a shared store acts only on the agents it leases: their jobs, their hosts,
+        and every queue transition fenced by the lease (None: one controller, all agents)."""
+        self.fence = fence
+        self.queue.fence = fence
+
+    def _mine(self, agent: str | None) -> bool:
+        return self.fence is None or self.fence.holds(agent)
 
     # -- the tick ----------------------------------------------------------------------------
     def tick(self) -> None:
-        mark_driving(self.fleet.state_dir)  # `jobs list` and `submit` tell a live controller by this
+        """One pass over the queue (the :class:`~fleetctl.jobs.driver.Driver` calls it, holding the controller lock)."""
         statuses = agent_statuses(self.fleet.store)
         # A launch whose answer was lost leaves its job ``dispatching``; settle it with the host.
         self.reconcile({name for name, status in statuses.items() if status.health.state == "online"})
@@ -91,7 +99,7 @@ class JobRunner:
         """Act on what each agent's latest heartbeat scan says about job directories."""
         for job in self.queue.list(ACTIVE_STATES):
             status = statuses.get(job.agent or "")
-            if status is None:
+            if status is None or not self._mine(job.agent):
                 continue
             if status.health.state == "offline":
                 self._lose(job, f"agent {job.agent} went offline")
@@ -117,7 +125,7 @@ class JobRunner:
         answers again or ``lost_grace_s`` has passed."""
         grace = self.fleet.settings.lost_grace_s
         for job in self.queue.list(("lost",)):
-            if not job.lost_provisionally:
+            if not job.lost_provisionally or not self._mine(job.agent):
                 continue
             since = self.queue.lost_at(job.id) or time.time()
             status = statuses.get(job.agent or "")
@@ -142,7 +150,7 @@ class JobRunner:
         collection interrupted by a crash, and orphans of an interrupted dispatch."""
         for name, status in statuses.items():
             snap = status.snapshot
-            if snap is None or snap.status not in EXEC_RAN:
+            if snap is None or snap.status not in EXEC_RAN or not self._mine(name):
                 continue
             for path, state in snap.job_dirs.items():
                 found = parse_scan_line(f"{state} {path}")
@@ -213,7 +221,7 @@ class JobRunner:
         Idempotent: files are overwritten with the same bytes and the state change is a CAS.
         The job's result is the first attempt that finished; any other is reported as a duplicate."""
         agent = self._agent(agent_name)
-        if agent is None:
+        if agent is None or not self._mine(agent_name):
             return None
         job = self.queue.get(job_id)
         pointed = job.remote_dir == remote_dir and job.attempt == attempt
@@ -310,7 +318,7 @@ class JobRunner:
     # -- cancels, dependencies -----------------------------------------------------------------
     def send_cancels(self) -> None:
         for job in self.queue.list(ACTIVE_STATES):
-            if job.cancel_requested and job.remote_dir and job.state == "running":
+            if job.cancel_requested and job.remote_dir and job.state == "running" and self._mine(job.agent):
                 self.signal(job, force=False)
 
     def signal(self, job: JobRecord, force: bool) -> bool:
@@ -367,7 +375,8 @@ class JobRunner:
             if impossible:
                 self.queue.finish(job.id, expect=("queued",), state="failed", reason=f"cannot be placed: {impossible}")
                 continue
-            placement = place(job.spec, candidates)
+            # Placed only on agents this controller leases; the reason why not still weighs them all.
+            placement = place(job.spec, [c for c in candidates if self._mine(c.agent.name)])
             if placement is None:
                 self.queue.set_reason(job.id, waiting_reason(job.spec, candidates))
                 continue
@@ -387,14 +396,18 @@ class JobRunner:
         assert agent is not None
         remote_dir = None
         try:
+            self._still_mine(agent.name)
             conn = self.fleet.connection(agent)
             made = conn.run(make_dir_command(job.id, job.attempt, agent.name), timeout=agent.command_timeout_s)
             if not made.ok or not made.stdout.strip().startswith("/"):
                 raise TransportError(f"mktemp -d failed on {agent.name}: {one_line(made.stderr) or made.exit_code}")
             remote_dir = made.stdout.strip()
-            self.queue.update(job.id, expect=("dispatching",), remote_dir=remote_dir)
+            self.queue.set_remote_dir(job.id, remote_dir)
             _failpoint("sigterm-after-mkdir", conn)
             self._upload(conn, job, remote_dir, gpus)
+        except LeaseLost as exc:  # the job stays as it is; the lease's new holder reconciles it
+            log.warning("job %s: not dispatched: %s", job.id, exc)
+            return False
         except TransportError as exc:
             if remote_dir is not None:
                 self._remove(agent.name, remote_dir)  # if this fails too, the orphan scan removes it later
@@ -414,9 +427,19 @@ class JobRunner:
                                                                     self.fleet.settings.kill_grace_s).encode())
         _failpoint("after-upload")
 
+    def _still_mine(self, agent: str) -> None:
+        """Checked right before each step that changes a host: a controller that lost the lease
+        (paused past it, partitioned) stops here; the new holder settles the job with the host."""
+        if not self._mine(agent):
+            raise LeaseLost(f"this controller no longer holds the lease of {agent}")
+
     def _launch(self, conn: Connection, agent: Agent, job: JobRecord, remote_dir: str) -> bool:
         try:
+            self._still_mine(agent.name)
             launched = conn.run(launch_command(remote_dir), timeout=agent.command_timeout_s)
+        except LeaseLost as exc:
+            log.warning("job %s: not launched: %s", job.id, exc)
+            return False
         except TransportError as exc:
             # The launch may have run before the link broke, and only the directory knows: the job
             # stays ``dispatching`` and reconcile() reads started/ (it never launches twice).
@@ -433,9 +456,9 @@ class JobRunner:
     # -- restart -------------------------------------------------------------------------------
     def reconcile(self, agents: set[str] | None = None) -> None:
         """Settle every ``dispatching`` job (of ``agents`` only, if given) with its host: after a
-        controller restart, or a launch whose answer never came."""
+        controller restart or a takeover, or a launch whose answer never came."""
         for job in self.queue.list(("dispatching",)):
-            if agents is not None and job.agent not in agents:
+            if (agents is not None and job.agent not in agents) or not self._mine(job.agent):
                 continue
             agent = self._agent(job.agent)
             if agent is None:
@@ -459,7 +482,7 @@ class JobRunner:
                                detail="controller restarted before the job directory existed")
             return
         state, remote_dir = found[0], found[1]
-        self.queue.update(job.id, expect=("dispatching",), remote_dir=remote_dir)
+        self.queue.set_remote_dir(job.id, remote_dir)
         if state == "partial":
             self._remove(agent.name, remote_dir)
             self.queue.requeue(job.id, expect=("dispatching",), event="requeued", reason=None,

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.no_store  # never opens a store: the PostgreSQL pass deselects it
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from fleetctl.fleet import Fleet
-from fleetctl.jobs.api import controller_lock, drive_once
+from fleetctl.jobs.api import drive_once
+from fleetctl.jobs.driver import controller_lock
 from fleetctl.jobs.model import JobRecord
 from fleetctl.sandbox import HostSpec, Sandbox
 from tests.conftest import require_sshd, run_cli
@@ -172,6 +173,7 @@ def test_a_hundred_mib_of_logs_comes_back_as_the_last_ten(two_hosts: Sandbox, tm
         assert record.remote_dir and not Path(record.remote_dir).exists()
 
 
+@pytest.mark.sqlite_only(reason="serve holds the state dir's lock file on SQLite only (on PostgreSQL: leases in the store)")
 def test_serve_drives_the_queue_while_the_cli_submits_and_waits(two_hosts: Sandbox, tmp_path: Path) -> None:
     config = tmp_path / "agents.toml"
     config.write_text(CONTROLLER.replace("[controller]\n", "[controller]\nheartbeat_interval_s = 0.5\n")

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from fleetctl.fleet import Fleet
-from fleetctl.jobs.api import drive_once, no_controller_reason
+from fleetctl.jobs.api import drive_once
+from fleetctl.jobs.driver import no_controller_reason
 from fleetctl.sandbox import HostSpec, Sandbox
 from tests.conftest import require_sshd, run_cli
 from tests.integration.test_jobs import CONTROLLER, _drive_until

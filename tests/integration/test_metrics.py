@@ -77,6 +77,7 @@ def _scrape(collector: FleetCollector) -> dict[str, list[Any]]:
     return _samples(generate_latest(registry_for(collector)).decode())
 
 
+@pytest.mark.sqlite_only(reason="builds its store with Store.in_state_dir: SQLite on either pass")
 def test_a_failed_host_exports_its_status_never_its_last_gpu_values(tmp_path: Path) -> None:
     store = Store.in_state_dir(tmp_path)
     try:
@@ -103,6 +104,7 @@ def test_a_failed_host_exports_its_status_never_its_last_gpu_values(tmp_path: Pa
     assert families["fleetctl_store_up"][0].value == 1.0
 
 
+@pytest.mark.sqlite_only(reason="builds its store with Store.in_state_dir: SQLite on either pass")
 def test_a_stale_ok_snapshot_is_not_the_present(tmp_path: Path) -> None:
     store = Store.in_state_dir(tmp_path)
     try:
@@ -116,6 +118,7 @@ def test_a_stale_ok_snapshot_is_not_the_present(tmp_path: Path) -> None:
     assert age["old"] >= 3600 and age["new"] < 60
 
 
+@pytest.mark.sqlite_only(reason="builds its store with Store.in_state_dir: SQLite on either pass")
 def test_label_values_from_hosts_are_data_escaped_and_bounded(tmp_path: Path) -> None:
     odd = 'GPU "quoted" \\ back\nslash ünïcode ' + "x" * 500
     store = Store.in_state_dir(tmp_path)
@@ -130,6 +133,7 @@ def test_label_values_from_hosts_are_data_escaped_and_bounded(tmp_path: Path) ->
     assert len(sample.labels["modelName"]) == MAX_LABEL_CHARS and sample.labels["modelName"].startswith(odd[:100])
 
 
+@pytest.mark.sqlite_only(reason="builds its store with Store.in_state_dir: SQLite on either pass")
 def test_a_store_that_cannot_be_read_is_a_series_not_a_traceback(tmp_path: Path) -> None:
     store = Store.in_state_dir(tmp_path)
     store.close()  # every query now fails with a StoreError
@@ -157,6 +161,7 @@ def _dashboard_queries() -> list[str]:
     return [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
 
 
+@pytest.mark.sqlite_only(reason="builds its store with Store.in_state_dir: SQLite on either pass")
 def test_the_grafana_dashboard_is_built_on_exported_names(tmp_path: Path) -> None:
     store = Store.in_state_dir(tmp_path)
     try:

@@ -37,7 +37,7 @@ def _open_and_write(url: str, barrier: Barrier, errors: Queue[str | None]) -> No
     try:
         store = PostgresStore(url)
         with store.transaction() as db:
-            db.execute("INSERT INTO job_events VALUES ('j', 0, 'opened', NULL)")
+            db.execute("INSERT INTO job_events (job_id, ts, event, detail) VALUES ('j', 0, 'opened', NULL)")
         store.close()
         errors.put(None)
     except Exception as exc:

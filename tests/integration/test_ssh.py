@@ -27,6 +27,8 @@ from fleetctl.ssh.known_hosts import KnownHosts
 from fleetctl.transport import Hop, Route
 from tests.conftest import needs_netns
 
+pytestmark = pytest.mark.no_store  # never opens a store: the PostgreSQL pass deselects it
+
 
 def _route(sandbox: Sandbox, name: str) -> Route:
     return route_for(load_config(sandbox.inventory_path).get(name))

@@ -22,8 +22,9 @@ from fleetctl.errors import ConfigError
 from fleetctl.ssh.config_file import parse_config
 from fleetctl.ssh.resolve import SshConfigResolver, SshOptions
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ssh"),
-                                reason="the oracle needs root (a private mount namespace) and OpenSSH's client")
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ssh"),
+                                 reason="the oracle needs root (a private mount namespace) and OpenSSH's client"),
+              pytest.mark.no_store]  # never opens a store: the PostgreSQL pass deselects it
 
 PASSWD_HOME = pwd.getpwuid(os.getuid()).pw_dir
 FIELDS = ("hostname", "user", "port", "identityfile", "certificatefile", "identitiesonly", "proxyjump", "proxycommand",

@@ -5,6 +5,8 @@ import pytest
 from fleetctl.addresses import Address, format_address, parse_address, parse_worker_file
 from fleetctl.errors import ConfigError
 
+pytestmark = pytest.mark.no_store  # never opens a store: the PostgreSQL pass deselects it
+
 
 @pytest.mark.parametrize(("text", "expected"), [
     ("root@10.0.0.1", Address("10.0.0.1", None, "root")),

@@ -9,6 +9,8 @@ import pytest
 from fleetctl.config import Agent, edit_inventory, load_config, parse_inventory
 from fleetctl.errors import ConfigError, UnknownAgentError
 
+pytestmark = pytest.mark.no_store  # never opens a store: the PostgreSQL pass deselects it
+
 DOCUMENTED = Path(__file__).resolve().parents[2] / "config" / "ssh-agents.example.toml"
 README_EXAMPLE = '''[[agents]]
 name = "vast-rental-1"

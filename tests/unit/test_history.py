@@ -17,7 +17,7 @@ from fleetctl.frames import COLUMNS, append_csv, to_dataframe
 from fleetctl.health import Health, HealthPolicy, advance
 from fleetctl.heartbeat import MARK
 from fleetctl.history import history, parse_since, prune, record
-from fleetctl.store import Store
+from fleetctl.store import Store, open_store
 from fleetctl.telemetry import GpuSample, TelemetrySnapshot
 from fleetctl.testing import Answer, ScriptedConnection
 from fleetctl.transport import CommandResult, Route
@@ -159,13 +159,13 @@ def test_serve_writes_beats_in_batches_and_loses_none_when_it_stops(tmp_path: Pa
                   connector=lambda route: ScriptedConnection(route, default=HEARTBEAT_OUTPUT))
     writes: list[int] = []
     record = fleet.record
-    fleet.record = lambda batch: (writes.append(len(batch)), record(batch))[1]  # type: ignore[method-assign]
+    fleet.record = lambda batch, fence=None: (writes.append(len(batch)), record(batch, fence))[1]  # type: ignore[method-assign]
     controller = Controller(fleet)
     stop = threading.Event()
     timer = threading.Timer(1.5, stop.set)
     timer.start()
     controller.run_until(stop)
-    store = Store.in_state_dir(tmp_path)
+    store = open_store(fleet.store_url, tmp_path)
     try:
         rows = store.query("SELECT count(*) FROM telemetry")[0][0]
     finally:

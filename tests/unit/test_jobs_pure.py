@@ -8,9 +8,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from fleetctl.config import Agent
+from fleetctl.jobdirs import parse_scan_line
 from fleetctl.jobs.model import JobSpec
 from fleetctl.jobs.placement import Candidate, never_satisfiable, place, waiting_reason
-from fleetctl.jobs.remote import parse_scan_line, remove_command, wrapper_script
+from fleetctl.jobs.remote import remove_command, wrapper_script
 from fleetctl.telemetry import GpuSample, HostBasics, TelemetrySnapshot
 
 

@@ -16,6 +16,8 @@ from fleetctl import errors, parsers
 from fleetctl.parsers import parse_gpu_output
 from tests.shared import FIXTURES, PEERS, require_shared
 
+pytestmark = pytest.mark.no_store  # never opens a store: the PostgreSQL pass deselects it
+
 TOLERANCE = 0.01
 
 

@@ -17,6 +17,8 @@ from fleetctl.parsers.values import MAX_EXTRA_FIELDS, MAX_EXTRA_TEXT, MAX_KEY_TE
 from fleetctl.telemetry import MAX_TEXT, GpuSample
 from tests.shared import REAL_CAPTURES, require_shared
 
+pytestmark = pytest.mark.no_store  # never opens a store: the PostgreSQL pass deselects it
+
 A100_QUERY = ("nvidia-smi --query-gpu=timestamp,name,pci.bus_id,driver_version,pstate,pcie.link.gen.max,"
               "pcie.link.gen.current,temperature.gpu,utilization.gpu,utilization.memory,memory.total,"
               "memory.free,memory.used --format=csv,noheader")

@@ -5,6 +5,8 @@ import pytest
 from fleetctl.errors import SandboxError
 from fleetctl.sandbox import HostSpec
 
+pytestmark = pytest.mark.no_store  # never opens a store: the PostgreSQL pass deselects it
+
 
 @pytest.mark.parametrize(("fields", "message"), [
     ({"mode": "driver_eror"}, "unknown mode 'driver_eror'"),

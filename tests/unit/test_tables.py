@@ -13,6 +13,8 @@ from fleetctl.cli.tables import TopData, TopScreen, fleet_table, power_text, top
 from fleetctl.fleet import HeartbeatRound
 from fleetctl.telemetry import GpuSample, TelemetrySnapshot
 
+pytestmark = pytest.mark.no_store  # never opens a store: the PostgreSQL pass deselects it
+
 NOW = datetime(2026, 5, 1, 12, 0, 0, tzinfo=timezone.utc)
 H100 = "NVIDIA H100 80GB HBM3"
 LONG_ERROR = ("NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.\n"

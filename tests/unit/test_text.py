@@ -19,6 +19,8 @@ from fleetctl.jobs.model import JobRecord, JobResult, JobSpec
 from fleetctl.telemetry import GpuSample, TelemetrySnapshot
 from fleetctl.text import one_line, visible
 
+pytestmark = pytest.mark.no_store  # never opens a store: the PostgreSQL pass deselects it
+
 HOSTILE = "[/][link=http://evil]x[/link]\x1b]0;pwned\x07\x1b]8;;http://evil\x1b\\\x9b31m\u202ename"
 NOW = datetime(2026, 11, 2, 9, 15, 4, 123456, tzinfo=timezone.utc)
 

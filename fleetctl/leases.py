@@ -1,0 +1,229 @@
+"""Several controllers, one fleet: which controller drives which agent.
+
+Every ``serve`` registers a row in ``controllers`` and renews it every ``lease_s / 3``; a row not
+renewed for ``lease_s`` (by the database's clock, so controllers' clocks need not agree) belongs to a
+dead or stopped controller. Agents are spread evenly over the live controllers by rendezvous hashing
+with bounded loads (:func:`assign`): a controller that joins or leaves moves few agents, and every
+controller computes the same answer without talking to the others. Each agent has one row in ``leases`` (holder, token, expiry). A controller takes a lease only
+when it is free or expired, and every new holder gets the next token.
+
+Fencing. A controller acts on an agent only while it holds both:
+
+- the lease in the store, checked inside the same transaction as each write (telemetry and health
+  compare the token; job transitions check holder and expiry: :meth:`Fence.guard`);
+- a local deadline on its own monotonic clock, ``lease_s`` minus a margin after the renewal that
+  granted it began. A process paused (SIGSTOP, a frozen VM) past its lease wakes with that deadline
+  gone and stops at once, before it even reaches the store.
+
+A controller whose own row expired while it slept is retired: it rejoins under a new id and takes
+leases afresh, so nothing is ever written under the old id after it wakes (tests check exactly that).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from fleetctl.store import Connection, Store
+
+DEFAULT_LEASE_S = 15.0
+# The local deadline ends this share of the lease early: slack for a renewal's own duration.
+LOCAL_MARGIN = 0.2
+FORGET_AFTER_S = 86400.0  # rows of controllers gone this long are deleted at the next join
+
+
+def new_controller_id() -> str:
+    return "c" + secrets.token_hex(4)
+
+
+def _weight(controller: str, agent: str) -> bytes:
+    return hashlib.blake2b(f"{controller}\0{agent}".encode(), digest_size=8).digest()
+
+
+def rendezvous_owner(agent: str, controllers: Sequence[str]) -> str | None:
+    """Plain rendezvous hashing: the highest hash of (controller, agent) wins."""
+    return max(controllers, key=lambda controller: _weight(controller, agent), default=None)
+
+
+def assign(agents: Sequence[str], controllers: Sequence[str]) -> dict[str, str]:
+    """Agent -> controller: rendezvous hashing with bounded loads. Agents are taken in name order,
+    each by its highest-hash controller that holds fewer than ceil(agents / controllers), so six
+    agents on three controllers are 2/2/2 (plain rendezvous gives 4/2/0 as often as not), while a
+    controller that joins or leaves still moves few agents. Every controller computes the same map."""
+    if not controllers:
+        return {}
+    capacity = -(-len(agents) // len(controllers))
+    load = dict.fromkeys(controllers, 0)
+    owners: dict[str, str] = {}
+    for agent in sorted(set(agents)):
+        ranked = sorted(controllers, key=lambda controller: _weight(controller, agent), reverse=True)
+        owner = next(controller for controller in ranked if load[controller] < capacity)
+        load[owner] += 1
+        owners[agent] = owner
+    return owners
+
+
+@dataclass(frozen=True)
+class Fence:
+    """What one controller may act on now: its id, each held agent's lease token, and the local
+    (monotonic) deadline after which it holds nothing until the next renewal says otherwise."""
+
+    controller: str
+    tokens: Mapping[str, int] = field(default_factory=dict)
+    deadline: float = 0.0
+
+    def holds(self, agent: str | None) -> bool:
+        return agent is not None and agent in self.tokens and time.monotonic() < self.deadline
+
+    def agents(self) -> set[str]:
+        return set(self.tokens) if time.monotonic() < self.deadline else set()
+
+    def guard(self, agent_sql: str, store: Store) -> tuple[str, tuple[str]]:
+        """SQL true while this controller holds the lease of the agent ``agent_sql`` names (a column
+        or a ``?``), with its parameter: a write guarded by it cannot land after a takeover."""
+        return (f"EXISTS (SELECT 1 FROM leases WHERE leases.agent = {agent_sql} AND leases.controller = ? "
+                f"AND leases.expires > {store.clock_sql})", (self.controller,))
+
+    def held_tokens(self, db: Connection, store: Store) -> dict[str, int]:
+        """Inside a write transaction: the leases the store says this controller holds now, row-locked
+        on PostgreSQL so a takeover waits for this transaction to end."""
+        lock = " FOR SHARE" if store.dialect == "postgresql" else ""
+        rows = db.execute(f"SELECT agent, token FROM leases WHERE controller = ? AND expires > {store.clock_sql}{lock}",
+                          (self.controller,)).fetchall()
+        return {row[0]: row[1] for row in rows}
+
+
+@dataclass(frozen=True)
+class LeaseChange:
+    acquired: frozenset[str]
+    released: frozenset[str]
+    retired: str | None = None  # the old id, when this controller had been given up for dead
+
+
+@dataclass(frozen=True)
+class ControllerRow:
+    id: str
+    host: str
+    pid: int
+    started: float
+    seen: float
+    expires: float
+    stopped: float | None
+    live: bool
+    agents: tuple[str, ...]
+
+
+_TAKE = (
+    "INSERT INTO leases (agent, controller, token, expires) VALUES (?, ?, 1, {clock} + ?) "
+    "ON CONFLICT (agent) DO UPDATE SET "
+    "token = CASE WHEN leases.controller = excluded.controller AND leases.expires > {clock} "
+    "THEN leases.token ELSE leases.token + 1 END, "
+    "controller = excluded.controller, expires = excluded.expires "
+    "WHERE leases.controller = excluded.controller OR leases.controller IS NULL OR leases.expires <= {clock}"
+)
+
+
+class Membership:
+    """This process as one controller of a shared store: join, renew (every ``lease_s / 3``), leave."""
+
+    def __init__(self, store: Store, agents: Sequence[str], lease_s: float = DEFAULT_LEASE_S, *,
+                 sole: bool = False) -> None:
+        self.store = store
+        self.agents = list(agents)
+        self.lease_s = lease_s
+        # ``sole``: something else (the SQLite state dir's lock file) already proves no other
+        # controller is alive, so a predecessor's unexpired leases are taken at once, not after lease_s.
+        self.sole = sole
+        self.id = new_controller_id()
+        self.fence = Fence(self.id)
+        self._joined = False
+        self._lock = threading.Lock()
+
+    @property
+    def renew_every_s(self) -> float:
+        return self.lease_s / 3
+
+    def renew(self) -> LeaseChange:
+        """Renew this controller's row, give back agents that now hash to another live controller,
+        take or renew the rest of its share; the new :attr:`fence` holds what the store granted."""
+        with self._lock:
+            began = time.monotonic()
+            before = set(self.fence.tokens)
+            clock = self.store.clock_sql
+            retired = None
+            with self.store.transaction() as db:
+                alive = db.execute(f"UPDATE controllers SET seen = {clock}, expires = {clock} + ? "
+                                   "WHERE id = ? AND stopped IS NULL AND expires > " + clock,
+                                   (self.lease_s, self.id)).rowcount == 1
+                if not alive:
+                    if self._joined:  # slept past its lease: the others took over; start afresh
+                        retired, self.id = self.id, new_controller_id()
+                        before = set()
+                    self._register(db)
+                live = [row[0] for row in db.execute(
+                    f"SELECT id FROM controllers WHERE stopped IS NULL AND expires > {clock}").fetchall()]
+                owners = assign(self.agents, live)
+                share = [agent for agent in self.agents if owners.get(agent) == self.id]
+                moved = sorted(before - set(share))
+                if moved:
+                    db.execute(f"UPDATE leases SET controller = NULL, expires = 0 WHERE controller = ? "
+                               f"AND agent IN ({','.join('?' * len(moved))})", (self.id, *moved))
+                if share:
+                    db.executemany(_TAKE.format(clock=clock), [(agent, self.id, self.lease_s) for agent in share])
+                fence = Fence(self.id, {}, began + self.lease_s * (1 - LOCAL_MARGIN))
+                tokens = fence.held_tokens(db, self.store)
+            self.fence = Fence(self.id, tokens, fence.deadline)
+            self._joined = True
+            return LeaseChange(frozenset(set(tokens) - before), frozenset(before - set(tokens)), retired)
+
+    def _register(self, db: Connection) -> None:
+        clock = self.store.clock_sql
+        db.execute(f"DELETE FROM controllers WHERE expires < {clock} - ?", (FORGET_AFTER_S,))
+        if self.sole:
+            db.execute(f"UPDATE controllers SET expires = {clock} WHERE stopped IS NULL AND expires > {clock}")
+            db.execute("UPDATE leases SET controller = NULL, expires = 0")
+        db.execute(f"INSERT INTO controllers (id, host, pid, started, seen, expires) "
+                   f"VALUES (?, ?, ?, {clock}, {clock}, {clock} + ?)",
+                   (self.id, socket.gethostname(), os.getpid(), self.lease_s))
+
+    def leave(self) -> None:
+        """Stop: this controller's row says so and its leases are free for the others at once."""
+        with self._lock:
+            self.fence = Fence(self.id)
+            if not self._joined:
+                return
+            clock = self.store.clock_sql
+            with self.store.transaction() as db:
+                db.execute(f"UPDATE controllers SET stopped = {clock}, expires = {clock} WHERE id = ?", (self.id,))
+                db.execute("UPDATE leases SET controller = NULL, expires = 0 WHERE controller = ?", (self.id,))
+
+
+def live_controllers(store: Store, *, excluding: str | None = None) -> list[str]:
+    rows = store.query(f"SELECT id FROM controllers WHERE stopped IS NULL AND expires > {store.clock_sql}")
+    return [row[0] for row in rows if row[0] != excluding]
+
+
+def controller_rows(store: Store) -> list[ControllerRow]:
+    """Every controller the store remembers (live ones first), with the agents it holds now."""
+    clock = store.clock_sql
+    now = store.now()
+    held: dict[str, list[str]] = {}
+    for row in store.query(f"SELECT controller, agent FROM leases WHERE controller IS NOT NULL AND expires > {clock} "
+                           "ORDER BY agent"):
+        held.setdefault(row[0], []).append(row[1])
+    rows = store.query("SELECT id, host, pid, started, seen, expires, stopped FROM controllers ORDER BY started")
+    found = [ControllerRow(row[0], row[1], row[2], row[3], row[4], row[5], row[6],
+                           row[6] is None and row[5] > now, tuple(held.get(row[0], ()))) for row in rows]
+    return sorted(found, key=lambda c: not c.live)
+
+
+def lease_rows(store: Store) -> list[tuple[str, str | None, int, float]]:
+    """(agent, holder or None, token, expires) of every lease, by agent."""
+    rows = store.query("SELECT agent, controller, token, expires FROM leases ORDER BY agent")
+    return [(row[0], row[1], row[2], row[3]) for row in rows]
