@@ -73,9 +73,10 @@ class Controller:
         change = self.membership.renew()  # a store that refuses this fails serve at once, one line
         now = datetime.now(timezone.utc)
         self._apply(change)
+        # No misfire grace: a renewal running late (a loaded machine) must still run, never be skipped.
         self._scheduler.add_job(self._renew, "interval", seconds=self.membership.renew_every_s, id="leases",
                                 executor="leases", next_run_time=now + timedelta(seconds=self.membership.renew_every_s),
-                                misfire_grace_time=1)
+                                misfire_grace_time=None)
         self._scheduler.add_job(self._record, "interval", seconds=RECORD_EVERY_S, id="record", executor="record",
                                 next_run_time=now, misfire_grace_time=1)
         if self.driver is not None:
@@ -185,13 +186,14 @@ class Controller:
                 if self.driver is not None:
                     with self._pending_lock:
                         taken, self._taken = self._taken, set()
+                    fences = lambda: self.membership.fence  # noqa: E731  (read at each check: renewals go on)
                     try:
-                        self.driver.take_over(taken)
+                        self.driver.take_over(taken, fences)
                     except BaseException:
                         with self._pending_lock:
                             self._taken |= taken  # the next tick tries again
                         raise
-                    self.driver.tick(self.membership.fence)
+                    self.driver.tick(fences)
             except StoreError as exc:
                 self._store_trouble(exc, "driving jobs")
             except Exception:  # one bad tick must not stop the controller; the next one retries

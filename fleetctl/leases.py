@@ -27,7 +27,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from fleetctl.store import Connection, Store
@@ -53,17 +53,21 @@ def rendezvous_owner(agent: str, controllers: Sequence[str]) -> str | None:
 
 def assign(agents: Sequence[str], controllers: Sequence[str]) -> dict[str, str]:
     """Agent -> controller: rendezvous hashing with bounded loads. Agents are taken in name order,
-    each by its highest-hash controller that holds fewer than ceil(agents / controllers), so six
-    agents on three controllers are 2/2/2 (plain rendezvous gives 4/2/0 as often as not), while a
-    controller that joins or leaves still moves few agents. Every controller computes the same map."""
+    each by its highest-hash controller that still has room (loads differ by one at most), so six
+    agents on three controllers are 2/2/2 and ten are 4/3/3 (plain rendezvous gives 4/2/0 as often as
+    not), while a controller that joins or leaves still moves few agents. Every controller computes
+    the same map."""
     if not controllers:
         return {}
-    capacity = -(-len(agents) // len(controllers))
+    names = sorted(set(agents))
+    least, extra = divmod(len(names), len(controllers))  # ``extra`` controllers take one more than ``least``
     load = dict.fromkeys(controllers, 0)
     owners: dict[str, str] = {}
-    for agent in sorted(set(agents)):
+    for agent in names:
         ranked = sorted(controllers, key=lambda controller: _weight(controller, agent), reverse=True)
-        owner = next(controller for controller in ranked if load[controller] < capacity)
+        owner = next(c for c in ranked if load[c] < least or (load[c] == least and extra > 0))
+        if load[owner] == least:
+            extra -= 1
         load[owner] += 1
         owners[agent] = owner
     return owners
@@ -97,6 +101,9 @@ class Fence:
         rows = db.execute(f"SELECT agent, token FROM leases WHERE controller = ? AND expires > {store.clock_sql}{lock}",
                           (self.controller,)).fetchall()
         return {row[0]: row[1] for row in rows}
+
+
+FenceSource = Callable[[], "Fence | None"]  # the current fence, read at each use (it changes at every renewal)
 
 
 @dataclass(frozen=True)

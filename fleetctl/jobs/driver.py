@@ -17,7 +17,7 @@ from pathlib import Path
 from fleetctl.errors import StoreError
 from fleetctl.hosts import Hosts
 from fleetctl.jobs.runner import JobRunner
-from fleetctl.leases import Fence, Membership, live_controllers
+from fleetctl.leases import FenceSource, Membership, live_controllers
 
 LOCK_NAME = "controller.lock"
 # A driver touches the lock file every tick; `jobs wait` lets go of the lock between its cycles, so
@@ -86,18 +86,19 @@ class Driver:
         self.runner = JobRunner(hosts)
         self._membership: Membership | None = None  # cycle() on a shared store: a controller for a while
 
-    def take_over(self, agents: set[str]) -> None:
+    def take_over(self, agents: set[str], fences: FenceSource | None = None) -> None:
         """Agents this controller just leased: settle their ``dispatching`` jobs with the hosts (the
         remote job directory is the truth, as after a restart)."""
         if agents:
+            self.runner.use_fence(fences)
             self.runner.reconcile(agents)
 
-    def tick(self, fence: Fence | None = None) -> None:
+    def tick(self, fences: FenceSource | None = None) -> None:
         """One scheduler tick: say that this process drives (``jobs list`` and ``submit`` tell a live
         controller by the lock file's time), then collect, observe, cancel, resolve and dispatch, on
-        the agents ``fence`` leases (all of them without one)."""
+        the agents the current fence leases (all of them without ``fences``)."""
         mark_driving(self.hosts.state_dir)
-        self.runner.use_fence(fence)
+        self.runner.use_fence(fences)
         self.runner.tick()
 
     def cycle(self) -> bool:
@@ -108,7 +109,7 @@ class Driver:
         with controller_lock(self.hosts.state_dir) as mine:
             if not mine:
                 return False
-            fence = None
+            fences: FenceSource | None = None
             if self.hosts.store.dialect == "postgresql":
                 own = self._membership.id if self._membership else None
                 if live_controllers(self.hosts.store, excluding=own):
@@ -117,12 +118,14 @@ class Driver:
                 if self._membership is None:
                     self._membership = Membership(self.hosts.store, self.hosts.inventory.names(),
                                                   self.hosts.settings.lease_s)
-                self._membership.renew()
-                fence = self._membership.fence
-            self.runner.use_fence(fence)
+                membership = self._membership
+                membership.renew()
+                fences = lambda: membership.fence  # noqa: E731
+            fence = fences() if fences else None
+            self.runner.use_fence(fences)
             self.runner.reconcile()
             self.hosts.heartbeat(sorted(fence.agents()) if fence else None, fence=fence)
-            self.tick(fence)
+            self.tick(fences)
             return True
 
     def close(self) -> None:

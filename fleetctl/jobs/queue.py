@@ -19,7 +19,7 @@ from typing import Any
 from fleetctl.durations import utc
 from fleetctl.errors import JobError
 from fleetctl.jobs.model import JobRecord, JobResult, JobSpec, JobState
-from fleetctl.leases import Fence
+from fleetctl.leases import Fence, FenceSource
 from fleetctl.store import Connection, Row, Store
 
 _COLUMNS = ("id", "name", "state", "priority", "spec", "agent", "gpus", "remote_dir", "attempt", "submitted",
@@ -41,9 +41,15 @@ def _record(row: Row) -> JobRecord:
 
 
 class JobQueue:
-    def __init__(self, store: Store, fence: Fence | None = None) -> None:
+    def __init__(self, store: Store, fence: Fence | FenceSource | None = None) -> None:
         self.store = store
-        self.fence = fence  # set by a controller: every transition it makes is fenced by its leases
+        # Set by a controller: every transition it makes is fenced by its leases. A source is read at
+        # each transition, so a long tick always checks the latest renewal's fence.
+        self.fence_source: FenceSource | None = (lambda: fence) if isinstance(fence, Fence) else fence
+
+    @property
+    def fence(self) -> Fence | None:
+        return self.fence_source() if self.fence_source is not None else None
 
     @property
     def _writer(self) -> str | None:
@@ -83,7 +89,8 @@ class JobQueue:
     def claim(self, job_id: str, agent: str, gpus: builtins.list[str], attempt: int) -> bool:
         """queued -> dispatching as ``attempt`` on ``agent``; False if someone else moved it first,
         or is claiming it right now, or (fenced) this controller no longer holds ``agent``."""
-        if self.fence is not None and not self.fence.holds(agent):
+        fence = self.fence
+        if fence is not None and not fence.holds(agent):
             return False
         fields = {"state": "dispatching", "agent": agent, "gpus": gpus, "attempt": attempt,
                   "dispatched": time.time(), "remote_dir": None, "reason": None}
@@ -95,7 +102,7 @@ class JobQueue:
             if db.execute("SELECT id FROM jobs WHERE id = ? AND state = 'queued' AND attempt = ? FOR UPDATE SKIP LOCKED",
                           (job_id, attempt - 1)).fetchone() is None:
                 return False
-            if self.fence is not None and self.fence.held_tokens(db, self.store).get(agent) != self.fence.tokens.get(agent):
+            if fence is not None and fence.held_tokens(db, self.store).get(agent) != fence.tokens.get(agent):
                 return False  # the lease row stays share-locked to commit: a takeover waits for it
             return self._write(db, job_id, ("queued",), "", (), "dispatching", agent, fields, agent)
 
@@ -197,8 +204,9 @@ class JobQueue:
         if guard:
             sql += f" AND {guard}"
             params.extend(guard_params)
-        if self.fence is not None:
-            fenced, fence_params = self.fence.guard("?" if agent_param else "jobs.agent", self.store)
+        fence = self.fence
+        if fence is not None:
+            fenced, fence_params = fence.guard("?" if agent_param else "jobs.agent", self.store)
             sql += f" AND {fenced}" if agent_param else f" AND (jobs.agent IS NULL OR {fenced})"
             params.extend((agent_param, *fence_params) if agent_param else fence_params)
         changed = db.execute(sql, params).rowcount == 1
