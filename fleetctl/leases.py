@@ -9,8 +9,8 @@ when it is free or expired, and every new holder gets the next token.
 
 Fencing. A controller acts on an agent only while it holds both:
 
-- the lease in the store, checked inside the same transaction as each write (telemetry and health
-  compare the token; job transitions check holder and expiry: :meth:`Fence.guard`);
+- the lease in the store with the token it was granted, checked inside the same transaction as each
+  write (telemetry, health, and every job transition: :meth:`Fence.guard`);
 - a local deadline on its own monotonic clock, ``lease_s`` minus a margin after the renewal that
   granted it began. A process paused (SIGSTOP, a frozen VM) past its lease wakes with that deadline
   gone and stops at once, before it even reaches the store.
@@ -88,11 +88,13 @@ class Fence:
     def agents(self) -> set[str]:
         return set(self.tokens) if time.monotonic() < self.deadline else set()
 
-    def guard(self, agent_sql: str, store: Store) -> tuple[str, tuple[str]]:
-        """SQL true while this controller holds the lease of the agent ``agent_sql`` names (a column
-        or a ``?``), with its parameter: a write guarded by it cannot land after a takeover."""
-        return (f"EXISTS (SELECT 1 FROM leases WHERE leases.agent = {agent_sql} AND leases.controller = ? "
-                f"AND leases.expires > {store.clock_sql})", (self.controller,))
+    def guard(self, agent: str, store: Store) -> tuple[str, tuple[str, str, int]]:
+        """SQL (and its parameters) true while this controller holds ``agent``'s lease with the token
+        it was granted: a write guarded by it cannot land after a takeover, nor after a lease this
+        controller gave up and took again (a new token)."""
+        return (f"EXISTS (SELECT 1 FROM leases WHERE leases.agent = ? AND leases.controller = ? "
+                f"AND leases.token = ? AND leases.expires > {store.clock_sql})",
+                (agent, self.controller, self.tokens.get(agent, -1)))
 
     def held_tokens(self, db: Connection, store: Store) -> dict[str, int]:
         """Inside a write transaction: the leases the store says this controller holds now, row-locked

@@ -192,8 +192,8 @@ class JobQueue:
                guard_params: tuple[Any, ...], event: str | None, detail: str | None, fields: dict[str, Any],
                agent_param: str | None) -> bool:
         """The one UPDATE of job state. Fenced: only while this controller holds the lease of the
-        job's agent (``agent_param`` when the transition moves it to an agent; a job on no agent
-        yet, queued, is anyone's)."""
+        job's agent with the token it was granted (``agent_param`` when the transition moves the job
+        to an agent; a job on no agent yet, queued, is anyone's)."""
         values = {k: _column_value(v) for k, v in fields.items()}
         values["updated"] = time.time()
         sql = f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in values)} WHERE id = ?"
@@ -206,9 +206,16 @@ class JobQueue:
             params.extend(guard_params)
         fence = self.fence
         if fence is not None:
-            fenced, fence_params = fence.guard("?" if agent_param else "jobs.agent", self.store)
-            sql += f" AND {fenced}" if agent_param else f" AND (jobs.agent IS NULL OR {fenced})"
-            params.extend((agent_param, *fence_params) if agent_param else fence_params)
+            agent = agent_param
+            if agent is None:  # the job's own agent, pinned in the UPDATE so it cannot change meanwhile
+                row = db.execute("SELECT agent FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                agent = row[0] if row else None
+                sql += " AND jobs.agent IS NULL" if agent is None else " AND jobs.agent = ?"
+                params.extend(() if agent is None else (agent,))
+            if agent is not None:
+                fenced, fence_params = fence.guard(agent, self.store)
+                sql += f" AND {fenced}"
+                params.extend(fence_params)
         changed = db.execute(sql, params).rowcount == 1
         if changed and event:
             db.execute("INSERT INTO job_events (job_id, ts, event, detail, controller) VALUES (?,?,?,?,?)",
