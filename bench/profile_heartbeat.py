@@ -61,7 +61,7 @@ BUCKETS: list[tuple[str, str]] = [
     (r"fleetctl/health\.py", "health state machine"),
     (r"pydantic|fleetctl/telemetry\.py", "pydantic models (TelemetrySnapshot/GpuSample)"),
     (r"/re/_parser\.py|/re/_compiler\.py|/re/__init__\.py", "regex compiled per beat (session.py's end marker)"),
-    (r"fleetctl/parsers/|fleetctl/heartbeat\.py|fleetctl/jobs/remote\.py|fleetctl/text\.py", "our parse"),
+    (r"fleetctl/parsers/|fleetctl/heartbeat\.py|fleetctl/jobdirs\.py|fleetctl/jobs/remote\.py|fleetctl/text\.py", "our parse"),
     (r"libcrypto|libssl|_rust\.abi3|cryptography/|EVP_|aes|gcm|ghash", "crypto (AES-GCM, native)"),
     (r"paramiko/packet\.py", "paramiko Packetizer (read/send_message, framing)"),
     (r"paramiko/message\.py|paramiko/util\.py|paramiko/common\.py", "paramiko Message encode/decode"),
@@ -70,7 +70,7 @@ BUCKETS: list[tuple[str, str]] = [
     (r"fleetctl/ssh/", "fleetctl/ssh (run, run_kept, session)"),
     (r"threading\.py|concurrent/futures|queue\.py|futex|pthread_cond|sem_|_thread", "thread wake-ups (Event/Condition/pool)"),
     (r"socket\.py|recv|send|select|poll|epoll", "socket syscalls"),
-    (r"fleetctl/fleet\.py", "fleetctl/fleet.py (heartbeat_one, round)"),
+    (r"fleetctl/hosts\.py|fleetctl/fleet\.py", "fleetctl/hosts.py (heartbeat_one, round)"),
     (r"datetime|secrets|random|uuid|logging", "stdlib misc (time stamps, nonces, logging)"),
 ]
 

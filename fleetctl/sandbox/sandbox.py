@@ -77,6 +77,7 @@ class Sandbox:
         self.topology: netns.Topology | None = None
         self.pids: dict[str, int] = {}
         self.endpoints: dict[str, tuple[str, int]] = {}
+        self._refusing: list[socket.socket] = []  # ports of "refused" hosts, held until down()
         self.fingerprints: dict[str, str] = {}
 
     # -- paths -------------------------------------------------------------------------------
@@ -129,7 +130,7 @@ class Sandbox:
             for host in self.hosts:
                 self._write_spec(host)
                 if host.mode == "refused":
-                    self.endpoints[host.name] = ("127.0.0.1", _free_port())
+                    self.endpoints[host.name] = ("127.0.0.1", self._refusing_port())
                     continue
                 if host.mode == "blackhole":
                     assert self.topology is not None
@@ -230,9 +231,20 @@ class Sandbox:
         host = next(h for h in self.hosts if h.name == name)
         self._start(name, host.zone, self.endpoints[name], forwarding=False, tool_dirs=[self.host_dir(name) / "bin"])
 
+    def _refusing_port(self) -> int:
+        """A port bound but never listened on, held while this object lives: connecting is refused,
+        and no other process (another sandbox's sshd) can take the port in the meantime."""
+        held = socket.socket()
+        held.bind(("127.0.0.1", 0))
+        self._refusing.append(held)
+        return int(held.getsockname()[1])
+
     def down(self) -> None:
         sshd.stop_all(list(self.pids.values()))  # all signalled first, then one wait: 50 hosts in ~1 s
         self.pids.clear()
+        for held in self._refusing:
+            held.close()
+        self._refusing.clear()
         if self.topology is not None:
             netns.destroy(self.topology)
             self.topology = None

@@ -105,7 +105,11 @@ def test_three_controllers_share_the_fleet_through_a_kill_and_a_pause(
         wait_for("every job to end", lambda: ended() == JOBS, 180)
         wait_for("the woken controller to rejoin under a new id",
                  lambda: paused.pid in live() and live()[paused.pid].id != old_id, 30)
-        time.sleep(1.0)  # its first beats under the new id; still nothing under the old one
+        # Rejoined, it takes its share back (the others hand it over at their next renewal): wait
+        # until every agent has beaten since the wake; nothing new under the old id all the while.
+        wait_for("every agent beating after the wake", lambda: count(
+            store, "SELECT COUNT(DISTINCT agent) FROM telemetry WHERE ts > ?", (woke_at,)) == len(AGENTS),
+                 2 * RESUME_WITHIN_S)
         assert written == (count(store, "SELECT COUNT(*) FROM telemetry WHERE controller = ?", (old_id,)),
                            count(store, "SELECT COUNT(*) FROM job_events WHERE controller = ?", (old_id,)))
 
