@@ -39,38 +39,6 @@ class _Transport(paramiko.Transport):  # type: ignore[misc]
                           *(c for c in paramiko.Transport._preferred_ciphers if "gcm" not in c))
 
 
-class _NoAcceptCondition:
-    """Stands in for a client transport's ``server_accept_cv`` (a Condition only server mode waits on)."""
-
-    def notify(self, n: int = 1) -> None:
-        pass
-
-    def notify_all(self) -> None:
-        pass
-
-
-_NO_ACCEPT = _NoAcceptCondition()
-_DONE = threading.Event()  # stands in for one-shot events that have fired: setting it again changes nothing
-_DONE.set()
-
-
-def _shed_handshake_state(transport: paramiko.Transport) -> None:
-    """Drop what a client transport keeps from its handshake and login but never uses again: about
-    3 KiB a host (the handshake timer thread object, the first key exchange's engine, one-shot
-    events and the server-mode condition). Fresh ones are made by paramiko if a rekey or another
-    global request or login ever needs them; the stand-ins take a late ``set()``/``notify()`` harmlessly."""
-    packetizer = transport.packetizer
-    if getattr(packetizer, "_Packetizer__handshake_complete", False):
-        packetizer._Packetizer__timer = None  # cancelled; handshake_timed_out() is False once complete
-    if transport.initial_kex_done and not transport.in_kex:
-        transport.kex_engine = None  # a rekey builds a new engine in _parse_kex_init
-    transport.server_accept_cv = _NO_ACCEPT
-    transport.completion_event = _DONE
-    transport._started = _DONE  # threading.Thread's start handshake, long over
-    if transport.auth_handler is not None:
-        transport.auth_handler.auth_event = _DONE
-
-
 @dataclass
 class ConnectOptions:
     host_keys: HostKeyPolicy = field(default_factory=HostKeyPolicy)
@@ -161,7 +129,6 @@ class SSHConnection:
             keepalive = hop.keepalive_s or self.options.keepalive_s
             if keepalive:
                 transport.set_keepalive(keepalive)
-            _shed_handshake_state(transport)
 
     def _tunnel(self, via: Hop, hop: Hop, is_bastion: bool, deadline: float, timeout: float) -> paramiko.Channel:
         try:
