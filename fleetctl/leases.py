@@ -163,7 +163,7 @@ class Membership:
         take or renew the rest of its share; the new :attr:`fence` holds what the store granted."""
         with self._lock:
             began = time.monotonic()
-            before = set(self.fence.tokens)
+            before = held_before = set(self.fence.tokens)
             clock = self.store.clock_sql
             retired = None
             with self.store.transaction() as db:
@@ -189,7 +189,8 @@ class Membership:
                 tokens = fence.held_tokens(db, self.store)
             self.fence = Fence(self.id, tokens, fence.deadline)
             self._joined = True
-            return LeaseChange(frozenset(set(tokens) - before), frozenset(before - set(tokens)), retired)
+            # Retired, everything held before counts as given up (the new id took whatever it holds afresh).
+            return LeaseChange(frozenset(set(tokens) - before), frozenset(held_before - set(tokens)), retired)
 
     def _register(self, db: Connection) -> None:
         clock = self.store.clock_sql

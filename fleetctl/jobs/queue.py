@@ -222,10 +222,20 @@ class JobQueue:
                        (job_id, time.time(), event, detail, self._writer))
         return changed
 
-    def note(self, job_id: str, event: str, detail: str | None = None) -> None:
+    def note(self, job_id: str, event: str, detail: str | None = None) -> bool:
+        """An event that is no transition (a duplicate seen, an orphan removed, a cancel sent). Fenced
+        like a transition: a controller that lost the job's agent records nothing."""
         with self.store.transaction() as db:
-            db.execute("INSERT INTO job_events (job_id, ts, event, detail, controller) VALUES (?,?,?,?,?)",
-                       (job_id, time.time(), event, detail, self._writer))
+            sql = "INSERT INTO job_events (job_id, ts, event, detail, controller) SELECT ?, ?, ?, ?, ?"
+            params: list[Any] = [job_id, time.time(), event, detail, self._writer]
+            fence = self.fence
+            if fence is not None:
+                row = db.execute("SELECT agent FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                if row is not None and row[0] is not None:
+                    fenced, fence_params = fence.guard(row[0], self.store)
+                    sql += f" WHERE {fenced}"
+                    params.extend(fence_params)
+            return db.execute(sql, params).rowcount == 1
 
     def events(self, job_id: str) -> builtins.list[tuple[float, str, str | None]]:
         rows = self.store.query("SELECT ts, event, detail FROM job_events WHERE job_id = ? ORDER BY ts, rowid", (job_id,))

@@ -239,6 +239,8 @@ class JobRunner:
         except TransportError as exc:
             log.warning("job %s: collecting from %s failed, will retry: %s", job.id, agent_name, one_line(str(exc)))
             return None
+        if not self._mine(agent_name):
+            return None  # the lease lapsed during the pull: the new holder collects and removes it
         state, reason = _final_state(job, result)
         where = f"attempt {attempt} on {agent_name}"
         if not owner:
@@ -309,8 +311,8 @@ class JobRunner:
 
     def _remove(self, agent_name: str, remote_dir: str) -> bool:
         agent = self._agent(agent_name)
-        if agent is None:
-            return False
+        if agent is None or not self._mine(agent_name):
+            return False  # only the lease holder changes a host
         try:
             return self.fleet.connection(agent).run(remove_command(remote_dir), timeout=agent.command_timeout_s).ok
         except (TransportError, ValueError) as exc:

@@ -122,7 +122,10 @@ def test_fenced_job_transitions_need_the_agents_lease(make_store: Callable[[], S
     two.renew()
     # After the takeover the old holder's transitions land nowhere; the new holder's do.
     assert not queue.lose(submitted.id, detail="x", reason="x")
+    assert not queue.note(submitted.id, "duplicate", "a stale controller's view")
     assert JobQueue(two.store, two.fence).lose(submitted.id, detail="taken over", reason="x")
+    assert JobQueue(two.store, two.fence).note(submitted.id, "orphan_removed", "the holder's")
+    assert JobQueue(one.store).note(submitted.id, "cli", None)  # an unfenced reader-writer (the CLI) is not a controller
 
 
 @pytest.mark.parametrize("claimers", [4])
