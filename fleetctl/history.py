@@ -62,20 +62,20 @@ def record(store: Store, snapshots: Iterable[TelemetrySnapshot], policy: HealthP
         known = {row[0]: Health(*row[1:]) for row in db.execute(
             f"SELECT agent, health, misses, last_ok, last_seen, since FROM agents WHERE agent IN ({','.join('?' * len(names))})",
             names)}
-        updates = []
+        updates: dict[str, tuple[object, ...]] = {}
         for snap in snapshots:
             before = known.get(snap.agent, Health())
             after = advance(before, snap.ok, snap.timestamp.timestamp(), policy)
             known[snap.agent] = after
             if after.state != before.state:
                 transitions.append(Transition(snap.agent, before.state, after.state))
-            updates.append((snap.agent, after.state, after.misses, after.last_ok, after.last_seen, after.since,
-                            snap.model_dump_json()))
+            updates[snap.agent] = (snap.agent, after.state, after.misses, after.last_ok, after.last_seen, after.since,
+                                   snap.model_dump_json())
         db.executemany(
             "INSERT INTO agents (agent, health, misses, last_ok, last_seen, since, snapshot) VALUES (?,?,?,?,?,?,?) "
             "ON CONFLICT (agent) DO UPDATE SET health=excluded.health, misses=excluded.misses, "
             "last_ok=excluded.last_ok, last_seen=excluded.last_seen, since=excluded.since, snapshot=excluded.snapshot",
-            updates)
+            list(updates.values()))  # one row per agent: the last of its beats in this batch
     return transitions
 
 

@@ -110,6 +110,40 @@ def _row(parameters: Iterable[Any]) -> tuple[Any, ...]:
     return tuple(_storable(value) for value in parameters)
 
 
+MAX_PARAMETERS = 60000  # per statement; PostgreSQL's protocol allows 65535
+
+
+def values_group(sql: str) -> tuple[int, int] | None:
+    """Where the ``(...)`` after ``VALUES`` starts and ends in an ``INSERT`` (parentheses inside
+    it, as in ``EXTRACT(EPOCH FROM ...)``, balanced); None for any other statement."""
+    head = sql.upper().find("VALUES")
+    if not sql.lstrip().upper().startswith("INSERT") or head < 0:
+        return None
+    start = sql.find("(", head)
+    depth = 0
+    for end in range(start, len(sql)):
+        depth += {"(": 1, ")": -1}.get(sql[end], 0)
+        if depth == 0:
+            return start, end + 1
+    return None
+
+
+class _Counted:
+    """What ``executemany`` returns: how many rows its statements changed."""
+
+    def __init__(self, rowcount: int) -> None:
+        self.rowcount = rowcount
+
+    def fetchone(self) -> Any:
+        return None
+
+    def fetchall(self) -> list[Any]:
+        return []
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(())
+
+
 class _PgConnection:
     """What a transaction block gets: ``execute``/``executemany`` with SQLite's ``?`` placeholders."""
 
@@ -120,9 +154,23 @@ class _PgConnection:
         return self._conn.execute(placeholders(sql), _row(parameters))
 
     def executemany(self, sql: str, parameters: Iterable[Any], /) -> Cursor:
-        cursor = self._conn.cursor()
-        cursor.executemany(placeholders(sql), [_row(p) for p in parameters])
-        return cursor
+        """An ``INSERT ... VALUES (...)`` for many rows as one statement per 60,000 parameters, not
+        psycopg's pipeline: between whole statements a stopped process leaves its session idle in
+        its transaction, which the server ends (mid-pipeline it would wait, holding its locks, and
+        commit whatever the process sends when it wakes). Rows whose ``ON CONFLICT`` key repeats
+        must be merged by the caller, as one statement cannot update a row twice."""
+        rows = [_row(p) for p in parameters]
+        group = values_group(sql)
+        if group is None:
+            return _Counted(sum(self._conn.execute(placeholders(sql), row).rowcount for row in rows))
+        start, end = group
+        per = max(1, MAX_PARAMETERS // max(1, sql.count("?", start, end)))
+        changed = 0
+        for first in range(0, len(rows), per):
+            chunk = rows[first:first + per]
+            statement = sql[:start] + ", ".join([sql[start:end]] * len(chunk)) + sql[end:]
+            changed += self._conn.execute(placeholders(statement), [v for row in chunk for v in row]).rowcount
+        return _Counted(changed)
 
 
 class PostgresStore(Store):

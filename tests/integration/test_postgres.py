@@ -23,7 +23,7 @@ from fleetctl.jobs.queue import JobQueue
 from fleetctl.paths import STORE_ENV, store_url
 from fleetctl.sandbox.postgres import PostgresCluster
 from fleetctl.store import _SCHEMA, Store, open_store
-from fleetctl.store_pg import PostgresStore, postgres_ddl
+from fleetctl.store_pg import MAX_PARAMETERS, PostgresStore, postgres_ddl, values_group
 from fleetctl.telemetry import GpuSample, TelemetrySnapshot
 from tests.conftest import run_cli
 from tests.processes import run_together
@@ -195,3 +195,21 @@ def test_metrics_read_the_postgres_store(postgres_url: str, tmp_path: Path) -> N
     finally:
         server.stop()
     assert 'fleetctl_agent_up{agent="pg-host"} 1.0' in text and "DCGM_FI_DEV_GPU_UTIL" in text
+
+
+def test_executemany_is_whole_statements_never_a_pipeline(postgres_url: str, tmp_path: Path) -> None:
+    """Many rows go as multi-row INSERTs of at most MAX_PARAMETERS each: between statements a stopped
+    process's session is idle in its transaction, which the server ends (a pipeline would wait)."""
+    take = "INSERT INTO t (a, b) VALUES (?, EXTRACT(EPOCH FROM clock_timestamp())::float8 + ?) ON CONFLICT (a) DO NOTHING"
+    start, end = values_group(take) or (0, 0)
+    assert take[start:end] == "(?, EXTRACT(EPOCH FROM clock_timestamp())::float8 + ?)"
+    assert values_group("UPDATE jobs SET state = ? WHERE id = ?") is None
+    store = open_store(postgres_url, tmp_path)
+    try:
+        rows = [("j", float(n), "e", None) for n in range(MAX_PARAMETERS // 4 * 2 + 7)]  # three statements
+        with store.transaction() as db:
+            assert db.executemany("INSERT INTO job_events (job_id, ts, event, detail) VALUES (?,?,?,?)", rows).rowcount == len(rows)
+            assert db.executemany("INSERT INTO job_events (job_id, ts, event, detail) VALUES (?,?,?,?)", []).rowcount == 0
+        assert store.query("SELECT COUNT(*), MAX(ts) FROM job_events")[0][:] == (len(rows), float(len(rows) - 1))
+    finally:
+        store.close()
