@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
@@ -51,6 +52,7 @@ class Controller:
         self.membership = Membership(fleet.store, fleet.inventory.names(), fleet.settings.lease_s,
                                      sole=fleet.store.dialect != "postgresql")
         self._taken: set[str] = set()  # agents leased since the last tick: it reconciles their jobs first
+        self._store_away_since: float | None = None  # monotonic time of the first failure in a streak
         self._scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(fleet.max_parallel_ssh), "tick": ThreadPoolExecutor(1),
                        "record": ThreadPoolExecutor(1), "leases": ThreadPoolExecutor(1)},
@@ -117,6 +119,7 @@ class Controller:
                 self._store_trouble(exc, "renewing leases")
                 return
             self._apply(change)
+            self._store_back()
         self._tracked(renew)
 
     def _tracked(self, work: Callable[[], None]) -> None:
@@ -132,10 +135,21 @@ class Controller:
                 self._idle.notify_all()
 
     def _store_trouble(self, exc: StoreError, doing: str) -> None:
-        if exc.transient:  # the server is away for now: the leases lapse, the next try may work
-            log.warning("controller %s: store unavailable while %s: %s", self.id, doing, one_line(str(exc)))
-        else:
+        if not exc.transient:
             self._fail(exc)
+            return
+        # The server is away for now: the leases lapse, the next try may work. One line when it goes
+        # away and one when it is back, not one per failed write.
+        with self._pending_lock:
+            first, self._store_away_since = self._store_away_since is None, self._store_away_since or time.monotonic()
+        if first:
+            log.warning("controller %s: store unavailable while %s: %s; retrying", self.id, doing, one_line(str(exc)))
+
+    def _store_back(self) -> None:
+        with self._pending_lock:
+            since, self._store_away_since = self._store_away_since, None
+        if since is not None:
+            log.warning("controller %s: store reachable again after %.0fs", self.id, time.monotonic() - since)
 
     def _fail(self, exc: StoreError) -> None:
         """The first store failure wins; ``run_until`` stops and raises it."""

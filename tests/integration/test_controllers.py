@@ -182,3 +182,46 @@ def test_a_controller_that_stops_hands_its_agents_over_at_once(
                 serve.terminate()
             serve.communicate(timeout=30)
         store.close()
+
+
+def test_serve_rides_out_a_database_restart(own_sandbox: Sandbox, tmp_path: Path) -> None:
+    """The store's server goes away for longer than the lease and comes back: serve logs one line per
+    failed write, keeps running, rejoins, and its agent's heartbeats resume."""
+    from fleetctl.sandbox.postgres import PostgresCluster, bindir
+
+    if bindir() is None:
+        pytest.skip("PostgreSQL's server is missing: run the tests with scripts/test, which installs it")
+    cluster = PostgresCluster(tmp_path / "pg").start()
+    data = Path(cluster.state.root) / "data"  # type: ignore[union-attr]
+    pg_ctl = str(bindir() / "pg_ctl")  # type: ignore[operator]
+    config = tmp_path / "agents.toml"
+    config.write_text(f'[controller]\nstore = "{cluster.url}"\nheartbeat_interval_s = {INTERVAL_S}\nlease_s = {LEASE_S}\n\n'
+                      + own_sandbox.inventory_path.read_text())
+    log = tmp_path / "serve.log"
+    with open(log, "w") as stderr:
+        serve = subprocess.Popen([sys.executable, "-m", "fleetctl", "serve", "--no-jobs", "--config", str(config),
+                                  "--state-dir", str(tmp_path / "state")], stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+    try:
+        def beats_since(moment: float) -> int:
+            store = open_store(cluster.url, tmp_path / "reader")
+            try:
+                return count(store, "SELECT COUNT(*) FROM telemetry WHERE ts > ?", (moment,))
+            finally:
+                store.close()
+        wait_for("the first beats", lambda: beats_since(0) > 0, 30)
+        cluster._run(pg_ctl, "stop", "-D", str(data), "-m", "fast", "-w")
+        down_at = time.monotonic()
+        wait_for("a failed write", lambda: "store unavailable" in log.read_text(), 30)
+        while time.monotonic() - down_at < 2 * LEASE_S:  # away for longer than the lease: it is a scenario
+            assert serve.poll() is None, log.read_text()[-2000:]
+            time.sleep(0.2)
+        cluster._run(pg_ctl, "start", "-D", str(data), "-l", str(data.parent / "postgres.log"), "-w")
+        back_at = time.time()
+        wait_for("heartbeats again after the restart", lambda: beats_since(back_at) > 0, 30)
+    finally:
+        serve.terminate()
+        serve.wait(timeout=30)
+        cluster.stop()
+    text = log.read_text()
+    assert serve.returncode == 0 and "Traceback" not in text, text[-3000:]
