@@ -46,7 +46,8 @@ class Controller:
         self._active = 0
         # Beats are written in batches, one transaction per RECORD_EVERY_S (not one per beat): at
         # 1000 hosts every 5 s that is 2 transactions a second instead of 200.
-        self._pending: list[TelemetrySnapshot] = []
+        # Each beat with the lease it was taken under (controller id, token): written only if still held.
+        self._pending: list[tuple[TelemetrySnapshot, str, int | None]] = []
         self._pending_lock = threading.Lock()
         # On the SQLite file the state dir's lock already makes this the only controller.
         self.membership = Membership(fleet.store, fleet.inventory.names(), fleet.settings.lease_s,
@@ -160,13 +161,14 @@ class Controller:
 
     def _beat(self, agent: Agent) -> None:
         def beat() -> None:
-            if not self.membership.fence.holds(agent.name):
+            fence = self.membership.fence
+            if not fence.holds(agent.name):
                 return  # the lease lapsed (a pause, the store away): not ours to beat until renewed
             snapshot = self.fleet.heartbeat_one(agent)
             if self._stopping.is_set():
                 return  # stop() closed the connection under it: not a real miss
             with self._pending_lock:
-                self._pending.append(snapshot)
+                self._pending.append((snapshot, fence.controller, fence.tokens.get(agent.name)))
             self.beats += 1
         self._tracked(beat)
 
@@ -176,10 +178,12 @@ class Controller:
     def flush(self) -> None:
         """Write the beats so far in one transaction and log each health change they made."""
         with self._pending_lock:
-            batch, self._pending = self._pending, []
+            pending, self._pending = self._pending, []
         fence = self.membership.fence
-        # Beats of agents no longer held (this process slept, or gave them up) are stale: not history.
-        batch = [snapshot for snapshot in batch if fence.holds(snapshot.agent)]
+        # Beats of agents no longer held under the lease they were taken under (this process slept,
+        # gave them up, or took them back since) are stale: not history.
+        batch = [snapshot for snapshot, controller, token in pending
+                 if fence.holds(snapshot.agent) and controller == fence.controller and fence.tokens.get(snapshot.agent) == token]
         if not batch:
             return
         try:

@@ -82,7 +82,8 @@ def record(store: Store, snapshots: Iterable[TelemetrySnapshot], policy: HealthP
 def prune(store: Store, retention_days: float, now: float | None = None) -> int:
     """Delete history older than the retention period; returns the rows removed."""
     cutoff = (now or time.time()) - retention_days * 86400
-    with store.transaction() as db:
+    # Not under the store-wide write lock: a long delete must not hold up every controller's renewals.
+    with store.transaction(serialized=False) as db:
         return db.execute("DELETE FROM telemetry WHERE ts < ?", (cutoff,)).rowcount
 
 

@@ -85,6 +85,10 @@ class Fence:
     def holds(self, agent: str | None) -> bool:
         return agent is not None and agent in self.tokens and time.monotonic() < self.deadline
 
+    def live(self) -> bool:
+        """Within the local deadline: False once this process slept (or lost the store) past it."""
+        return time.monotonic() < self.deadline
+
     def agents(self) -> set[str]:
         return set(self.tokens) if time.monotonic() < self.deadline else set()
 
@@ -96,12 +100,15 @@ class Fence:
                 f"AND leases.token = ? AND leases.expires > {store.clock_sql})",
                 (agent, self.controller, self.tokens.get(agent, -1)))
 
-    def held_tokens(self, db: Connection, store: Store) -> dict[str, int]:
-        """Inside a write transaction: the leases the store says this controller holds now, row-locked
-        on PostgreSQL so a takeover waits for this transaction to end."""
-        lock = " FOR SHARE" if store.dialect == "postgresql" else ""
-        rows = db.execute(f"SELECT agent, token FROM leases WHERE controller = ? AND expires > {store.clock_sql}{lock}",
-                          (self.controller,)).fetchall()
+    def held_tokens(self, db: Connection, store: Store, agent: str | None = None) -> dict[str, int]:
+        """Inside a write transaction: the leases the store says this controller holds now (of ``agent``
+        only, if given). A transaction that does not take the store-wide write lock passes ``agent``:
+        that one row is share-locked on PostgreSQL, so a takeover waits for the transaction to end
+        (one row only: two such transactions never lock rows in opposite orders)."""
+        only = " AND agent = ?" if agent is not None else ""
+        lock = " FOR SHARE" if agent is not None and store.dialect == "postgresql" else ""
+        rows = db.execute(f"SELECT agent, token FROM leases WHERE controller = ? AND expires > {store.clock_sql}{only}{lock}",
+                          (self.controller, *((agent,) if agent is not None else ()))).fetchall()
         return {row[0]: row[1] for row in rows}
 
 
@@ -166,33 +173,40 @@ class Membership:
             before = held_before = set(self.fence.tokens)
             clock = self.store.clock_sql
             retired = None
+            me = self.id  # becomes self.id only once the transaction commits
             with self.store.transaction() as db:
                 alive = db.execute(f"UPDATE controllers SET seen = {clock}, expires = {clock} + ? "
                                    "WHERE id = ? AND stopped IS NULL AND expires > " + clock,
-                                   (self.lease_s, self.id)).rowcount == 1
+                                   (self.lease_s, me)).rowcount == 1
+                if not alive and self.sole and self._joined:
+                    # Late (a suspended laptop, a long prune), but nobody else can have taken over: revive.
+                    alive = db.execute(f"UPDATE controllers SET seen = {clock}, expires = {clock} + ?, stopped = NULL "
+                                       "WHERE id = ?", (self.lease_s, me)).rowcount == 1
                 if not alive:
                     if self._joined:  # slept past its lease: the others took over; start afresh
-                        retired, self.id = self.id, new_controller_id()
+                        retired, me = me, new_controller_id()
                         before = set()
-                    self._register(db)
+                    self._register(db, me)
                 live = [row[0] for row in db.execute(
                     f"SELECT id FROM controllers WHERE stopped IS NULL AND expires > {clock}").fetchall()]
                 owners = assign(self.agents, live)
-                share = [agent for agent in self.agents if owners.get(agent) == self.id]
+                share = [agent for agent in self.agents if owners.get(agent) == me]
                 moved = sorted(before - set(share))
                 if moved:
                     db.execute(f"UPDATE leases SET controller = NULL, expires = 0 WHERE controller = ? "
-                               f"AND agent IN ({','.join('?' * len(moved))})", (self.id, *moved))
+                               f"AND agent IN ({','.join('?' * len(moved))})", (me, *moved))
                 if share:
-                    db.executemany(_TAKE.format(clock=clock), [(agent, self.id, self.lease_s) for agent in share])
-                fence = Fence(self.id, {}, began + self.lease_s * (1 - LOCAL_MARGIN))
-                tokens = fence.held_tokens(db, self.store)
-            self.fence = Fence(self.id, tokens, fence.deadline)
+                    db.executemany(_TAKE.format(clock=clock), [(agent, me, self.lease_s) for agent in share])
+                tokens = Fence(me).held_tokens(db, self.store)
+            # ``sole``: nothing else can take these agents, so a late renewal never stops the work.
+            deadline = float("inf") if self.sole else began + self.lease_s * (1 - LOCAL_MARGIN)
+            self.id = me
+            self.fence = Fence(me, tokens, deadline)
             self._joined = True
             # Retired, everything held before counts as given up (the new id took whatever it holds afresh).
             return LeaseChange(frozenset(set(tokens) - before), frozenset(held_before - set(tokens)), retired)
 
-    def _register(self, db: Connection) -> None:
+    def _register(self, db: Connection, me: str) -> None:
         clock = self.store.clock_sql
         db.execute(f"DELETE FROM controllers WHERE expires < {clock} - ?", (FORGET_AFTER_S,))
         if self.sole:
@@ -200,7 +214,7 @@ class Membership:
             db.execute("UPDATE leases SET controller = NULL, expires = 0")
         db.execute(f"INSERT INTO controllers (id, host, pid, started, seen, expires) "
                    f"VALUES (?, ?, ?, {clock}, {clock}, {clock} + ?)",
-                   (self.id, socket.gethostname(), os.getpid(), self.lease_s))
+                   (me, socket.gethostname(), os.getpid(), self.lease_s))
 
     def leave(self) -> None:
         """Stop: this controller's row says so and its leases are free for the others at once."""

@@ -32,6 +32,7 @@ CONNECT_TIMEOUT_S = 10
 # at its end, so a crashed process never holds it. Another application on the same database would
 # only contend if it picked the very same key.
 WRITE_LOCK_KEY = 0x666C656574637463
+TCP_USER_TIMEOUT_MS = 10000  # unacknowledged data this long: the connection is dead
 IDLE_IN_TRANSACTION_MS = 2000  # no fleetctl transaction waits on its client this long
 
 # SQLite DDL -> PostgreSQL DDL, applied in order to each statement of _SCHEMA.
@@ -203,7 +204,10 @@ class PostgresStore(Store):
             # rolls back, and the process reconnects when it wakes.
             self._conn = psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
                                          application_name="fleetctl", row_factory=_row_factory,
-                                         options=f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_MS}")
+                                         options=f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_MS}",
+                                         # A silent partition must fail in seconds, not the kernel's 15 minutes.
+                                         keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=3,
+                                         tcp_user_timeout=TCP_USER_TIMEOUT_MS)
         return self._conn
 
     @contextlib.contextmanager

@@ -124,7 +124,8 @@ class Driver:
             fence = fences() if fences else None
             self.runner.use_fence(fences)
             self.runner.reconcile()
-            self.hosts.heartbeat(sorted(fence.agents()) if fence else None, fence=fence)
+            if fence is None or fence.agents():  # (an empty list would mean every agent)
+                self.hosts.heartbeat(sorted(fence.agents()) if fence else None, fence=fence)
             self.tick(fences)
             return True
 

@@ -102,13 +102,13 @@ class JobQueue:
             if db.execute("SELECT id FROM jobs WHERE id = ? AND state = 'queued' AND attempt = ? FOR UPDATE SKIP LOCKED",
                           (job_id, attempt - 1)).fetchone() is None:
                 return False
-            if fence is not None and fence.held_tokens(db, self.store).get(agent) != fence.tokens.get(agent):
+            if fence is not None and fence.held_tokens(db, self.store, agent).get(agent) != fence.tokens.get(agent):
                 return False  # the lease row stays share-locked to commit: a takeover waits for it
             return self._write(db, job_id, ("queued",), "", (), "dispatching", agent, fields, agent)
 
-    def set_remote_dir(self, job_id: str, remote_dir: str) -> bool:
-        """Where the dispatching attempt's files are, once ``mktemp -d`` made the directory."""
-        return self._cas(job_id, ("dispatching",), "", (), None, None, {"remote_dir": remote_dir})
+    def set_remote_dir(self, job_id: str, remote_dir: str, attempt: int) -> bool:
+        """Where the dispatching ``attempt``'s files are, once ``mktemp -d`` made the directory."""
+        return self._cas(job_id, ("dispatching",), "attempt = ?", (attempt,), None, None, {"remote_dir": remote_dir})
 
     def requeue(self, job_id: str, *, expect: Sequence[JobState], event: str, detail: str | None, reason: str | None,
                 keep_location: bool = False) -> bool:
@@ -119,8 +119,9 @@ class JobQueue:
             fields.update(agent=None, gpus=[], remote_dir=None)
         return self._cas(job_id, expect, "", (), event, detail, fields)
 
-    def mark_running(self, job_id: str, remote_dir: str, detail: str | None = None) -> bool:
-        return self._cas(job_id, ("dispatching",), "", (), "running", detail or remote_dir,
+    def mark_running(self, job_id: str, remote_dir: str, detail: str | None = None, *, attempt: int | None = None) -> bool:
+        guard, params = ("attempt = ?", (attempt,)) if attempt is not None else ("", ())
+        return self._cas(job_id, ("dispatching",), guard, params, "running", detail or remote_dir,
                          {"state": "running", "remote_dir": remote_dir, "started": time.time()})
 
     def resume(self, job_id: str, attempt: int, detail: str) -> bool:
@@ -155,7 +156,8 @@ class JobQueue:
                           finished=result.finished.timestamp() if result.finished else time.time())
         else:
             fields["finished"] = time.time()
-        return self._cas(job_id, expect, " AND ".join(guards), tuple(params), event or state, detail or reason, fields)
+        return self._cas(job_id, expect, " AND ".join(guards), tuple(params), event or state, detail or reason, fields,
+                         agent_param=location.get("agent"))
 
     def request_cancel(self, job_id: str, *, force: bool, event: bool = True) -> bool:
         """Mark a dispatching or running job for cancel; whoever takes the mark sends the signal."""
@@ -205,6 +207,8 @@ class JobQueue:
             sql += f" AND {guard}"
             params.extend(guard_params)
         fence = self.fence
+        if fence is not None and not fence.live():
+            return False  # this controller's leases lapsed (it slept, or the store was away): it writes nothing
         if fence is not None:
             agent = agent_param
             if agent is None:  # the job's own agent, pinned in the UPDATE so it cannot change meanwhile
@@ -222,17 +226,22 @@ class JobQueue:
                        (job_id, time.time(), event, detail, self._writer))
         return changed
 
-    def note(self, job_id: str, event: str, detail: str | None = None) -> bool:
+    def note(self, job_id: str, event: str, detail: str | None = None, *, agent: str | None = None) -> bool:
         """An event that is no transition (a duplicate seen, an orphan removed, a cancel sent). Fenced
-        like a transition: a controller that lost the job's agent records nothing."""
+        like a transition, by the lease of ``agent`` (where the attempt it is about ran) or else the
+        job's agent: a controller that lost that agent records nothing."""
+        fence = self.fence
+        if fence is not None and not fence.live():
+            return False
         with self.store.transaction() as db:
             sql = "INSERT INTO job_events (job_id, ts, event, detail, controller) SELECT ?, ?, ?, ?, ?"
             params: list[Any] = [job_id, time.time(), event, detail, self._writer]
-            fence = self.fence
             if fence is not None:
-                row = db.execute("SELECT agent FROM jobs WHERE id = ?", (job_id,)).fetchone()
-                if row is not None and row[0] is not None:
-                    fenced, fence_params = fence.guard(row[0], self.store)
+                if agent is None:
+                    row = db.execute("SELECT agent FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                    agent = row[0] if row is not None else None
+                if agent is not None:
+                    fenced, fence_params = fence.guard(agent, self.store)
                     sql += f" WHERE {fenced}"
                     params.extend(fence_params)
             return db.execute(sql, params).rowcount == 1

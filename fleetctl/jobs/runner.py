@@ -79,6 +79,10 @@ class JobRunner:
         fence = self.fence_source() if self.fence_source is not None else None
         return fence is None or fence.holds(agent)
 
+    def _token(self, agent: str) -> int | None:
+        fence = self.fence_source() if self.fence_source is not None else None
+        return fence.tokens.get(agent) if fence is not None else None
+
     # -- the tick ----------------------------------------------------------------------------
     def tick(self) -> None:
         """One pass over the queue (the :class:`~fleetctl.jobs.driver.Driver` calls it, holding the controller lock)."""
@@ -194,14 +198,15 @@ class JobRunner:
         age = self.fleet.settings.orphan_age_s
         if first_seen is None:
             self.queue.note(job.id, "orphan_found", f"{found.path} on {found.agent} ({found.state}, attempt "
-                            f"{found.attempt}): belongs to no current attempt; removed after {age:g}s")
+                            f"{found.attempt}): belongs to no current attempt; removed after {age:g}s", agent=found.agent)
             first_seen = time.time()
         if time.time() - first_seen >= age:
             self._remove_orphan(job, found, f"{found.state}, never launched by a current attempt")
 
     def _remove_orphan(self, job: JobRecord, found: RemoteJobDir, why: str) -> None:
         if self._remove(found.agent, found.path):
-            self.queue.note(job.id, "orphan_removed", f"{found.path} on {found.agent} (attempt {found.attempt}): {why}")
+            self.queue.note(job.id, "orphan_removed", f"{found.path} on {found.agent} (attempt {found.attempt}): {why}",
+                            agent=found.agent)
             log.info("job %s: removed orphan %s on %s (%s)", job.id, found.path, found.agent, why)
 
     def _lose(self, job: JobRecord, why: str) -> None:
@@ -245,7 +250,7 @@ class JobRunner:
         where = f"attempt {attempt} on {agent_name}"
         if not owner:
             event = "late_result_ignored" if job.state == "lost" else "duplicate"
-            self.queue.note(job.id, event, f"{where} also ran and ended: {reason}; its files are in {local}")
+            self.queue.note(job.id, event, f"{where} also ran and ended: {reason}; its files are in {local}", agent=agent_name)
             log.warning("job %s: %s also ran (%s): the job ran twice", job.id, where, reason)
         elif not self._record(job, state, reason, result, where, earlier, agent=agent_name, remote_dir=remote_dir):
             return None  # the job moved on meanwhile: the next scan looks again
@@ -260,7 +265,7 @@ class JobRunner:
                                      reason=f"{reason} ({where}, collected after a retry had started)", **location)
             if done:
                 self.queue.note(job.id, "duplicate", f"attempt {job.attempt} on {job.agent} had already started; it runs "
-                                f"on and is reported when it ends")
+                                f"on and is reported when it ends", agent=location.get("agent"))
             return done
         if job.state in ACTIVE_STATES:
             return self.queue.finish(job.id, expect=ACTIVE_STATES, attempt=job.attempt, state=state, reason=reason,
@@ -369,6 +374,9 @@ class JobRunner:
         # Read once per tick (not once per queued job: 300 queued jobs made that 90,000 rows a tick),
         # and kept current with what this tick claims.
         active = self.queue.list(ACTIVE_STATES)
+        # Placed only on agents held when the tick began: one taken over mid-tick has jobs ``active``
+        # and ``statuses`` do not show yet.
+        held = {agent.name for agent in self.fleet.inventory if self._mine(agent.name)}
         for job in self.queue.list(("queued",)):
             waiting = [p for p in (self.queue.get(p) for p in job.spec.after) if p.state != "succeeded"]
             if waiting:
@@ -382,7 +390,7 @@ class JobRunner:
                 self.queue.finish(job.id, expect=("queued",), state="failed", reason=f"cannot be placed: {impossible}")
                 continue
             # Placed only on agents this controller leases; the reason why not still weighs them all.
-            placement = place(job.spec, [c for c in candidates if self._mine(c.agent.name)])
+            placement = place(job.spec, [c for c in candidates if c.agent.name in held and self._mine(c.agent.name)])
             if placement is None:
                 self.queue.set_reason(job.id, waiting_reason(job.spec, candidates))
                 continue
@@ -402,14 +410,16 @@ class JobRunner:
         agent = self._agent(job.agent)
         assert agent is not None
         remote_dir = None
+        claimed_under = self._token(agent.name)  # the lease this claim was made under: the whole dispatch is bound to it
         try:
-            self._still_mine(agent.name)
+            self._still_mine(agent.name, claimed_under)
             conn = self.fleet.connection(agent)
             made = conn.run(make_dir_command(job.id, job.attempt, agent.name), timeout=agent.command_timeout_s)
             if not made.ok or not made.stdout.strip().startswith("/"):
                 raise TransportError(f"mktemp -d failed on {agent.name}: {one_line(made.stderr) or made.exit_code}")
             remote_dir = made.stdout.strip()
-            self.queue.set_remote_dir(job.id, remote_dir)
+            if not self.queue.set_remote_dir(job.id, remote_dir, job.attempt):
+                raise LeaseLost(f"job {job.id} moved on (or the lease of {agent.name} lapsed) during its dispatch")
             _failpoint("sigterm-after-mkdir", conn)
             self._upload(conn, job, remote_dir, gpus)
         except LeaseLost as exc:  # the job stays as it is; the lease's new holder reconciles it
@@ -421,7 +431,7 @@ class JobRunner:
             self.queue.requeue(job.id, expect=("dispatching",), event="requeued", detail=one_line(str(exc)),
                                reason=f"dispatch to {agent.name} failed: {one_line(str(exc))}")
             return False
-        return self._launch(conn, agent, job, remote_dir)
+        return self._launch(conn, agent, job, remote_dir, claimed_under)
 
     def _upload(self, conn: Connection, job: JobRecord, remote_dir: str, gpus: list[GpuSample]) -> None:
         vendor = gpus[0].vendor if gpus else "nvidia"
@@ -434,15 +444,16 @@ class JobRunner:
                                                                     self.fleet.settings.kill_grace_s).encode())
         _failpoint("after-upload")
 
-    def _still_mine(self, agent: str) -> None:
+    def _still_mine(self, agent: str, token: int | None) -> None:
         """Checked right before each step that changes a host: a controller that lost the lease
-        (paused past it, partitioned) stops here; the new holder settles the job with the host."""
-        if not self._mine(agent):
-            raise LeaseLost(f"this controller no longer holds the lease of {agent}")
+        (paused past it, partitioned), even if it holds the agent again now (a new token), stops
+        here; the lease's holder settles the job with the host."""
+        if not self._mine(agent) or self._token(agent) != token:
+            raise LeaseLost(f"this controller no longer holds the lease of {agent} it claimed the job under")
 
-    def _launch(self, conn: Connection, agent: Agent, job: JobRecord, remote_dir: str) -> bool:
+    def _launch(self, conn: Connection, agent: Agent, job: JobRecord, remote_dir: str, token: int | None) -> bool:
         try:
-            self._still_mine(agent.name)
+            self._still_mine(agent.name, token)
             launched = conn.run(launch_command(remote_dir), timeout=agent.command_timeout_s)
         except LeaseLost as exc:
             log.warning("job %s: not launched: %s", job.id, exc)
@@ -454,7 +465,7 @@ class JobRunner:
             return False
         _failpoint("after-launch")
         if launched.ok or launched.exit_code == LAUNCH_ALREADY_STARTED:
-            return self.queue.mark_running(job.id, remote_dir)
+            return self.queue.mark_running(job.id, remote_dir, attempt=job.attempt)
         self.queue.finish(job.id, expect=("dispatching",), state="failed",
                           reason=f"launch on {agent.name} failed: {one_line(launched.stderr) or launched.exit_code}")
         self._remove(agent.name, remote_dir)
@@ -489,7 +500,8 @@ class JobRunner:
                                detail="controller restarted before the job directory existed")
             return
         state, remote_dir = found[0], found[1]
-        self.queue.set_remote_dir(job.id, remote_dir)
+        if not self.queue.set_remote_dir(job.id, remote_dir, job.attempt):
+            return
         if state == "partial":
             self._remove(agent.name, remote_dir)
             self.queue.requeue(job.id, expect=("dispatching",), event="requeued", reason=None,
@@ -499,7 +511,7 @@ class JobRunner:
             launched = conn.run(launch_command(remote_dir), timeout=agent.command_timeout_s)
             if not (launched.ok or launched.exit_code == LAUNCH_ALREADY_STARTED):
                 return
-        self.queue.mark_running(job.id, remote_dir, f"{remote_dir} (reconciled)")
+        self.queue.mark_running(job.id, remote_dir, f"{remote_dir} (reconciled)", attempt=job.attempt)
 
 
 def _final_state(job: JobRecord, result: JobResult) -> tuple[JobState, str]:

@@ -163,3 +163,27 @@ def test_a_sole_controller_takes_a_dead_predecessors_leases_at_once(make_store: 
     successor.renew()
     assert successor.fence.agents() == set(AGENTS)
     assert live_controllers(successor.store) == [successor.id]
+
+
+def test_a_fence_past_its_local_deadline_writes_nothing_even_for_jobs_on_no_agent(
+        make_store: Callable[[], Store]) -> None:
+    member = Membership(make_store(), AGENTS)
+    member.renew()
+    queued = JobQueue(member.store).submit(JobSpec(command=["true"]))
+    lapsed = Fence(member.fence.controller, member.fence.tokens, time.monotonic() - 1)
+    stale = JobQueue(member.store, lapsed)
+    assert not stale.set_reason(queued.id, "from a controller that slept")
+    assert not stale.note(queued.id, "x")
+    assert JobQueue(member.store, member.fence).set_reason(queued.id, "from the live one")
+
+
+def test_a_sole_controller_late_past_its_lease_revives_under_the_same_id(make_store: Callable[[], Store]) -> None:
+    """On the SQLite file nobody else can take over: a renewal late past lease_s (a suspended laptop)
+    keeps the id and the work going instead of rejoining as a stranger."""
+    sole = Membership(make_store(), AGENTS, lease_s=1.0, sole=True)
+    sole.renew()
+    first = sole.id
+    wait_until(lambda: first not in live_controllers(sole.store), timeout=5)
+    change = sole.renew()
+    assert change.retired is None and sole.id == first and set(sole.fence.tokens) == set(AGENTS)
+    assert sole.fence.holds(AGENTS[0])  # no local deadline: a late renewal never stops a sole controller
