@@ -4,8 +4,9 @@ Every ``serve`` registers a row in ``controllers`` and renews it every ``lease_s
 renewed for ``lease_s`` (by the database's clock, so controllers' clocks need not agree) belongs to a
 dead or stopped controller. Agents are spread evenly over the live controllers by rendezvous hashing
 with bounded loads (:func:`assign`): a controller that joins or leaves moves few agents, and every
-controller computes the same answer without talking to the others. Each agent has one row in ``leases`` (holder, token, expiry). A controller takes a lease only
-when it is free or expired, and every new holder gets the next token.
+controller computes the same answer without talking to the others. Each agent has one row in
+``leases`` (holder, token, expiry). A controller takes a lease only when it is free or expired, and
+every new holder gets the next token.
 
 Fencing. A controller acts on an agent only while it holds both:
 
@@ -83,14 +84,14 @@ class Fence:
     deadline: float = 0.0
 
     def holds(self, agent: str | None) -> bool:
-        return agent is not None and agent in self.tokens and time.monotonic() < self.deadline
+        return agent is not None and agent in self.tokens and self.live()
 
     def live(self) -> bool:
         """Within the local deadline: False once this process slept (or lost the store) past it."""
         return time.monotonic() < self.deadline
 
     def agents(self) -> set[str]:
-        return set(self.tokens) if time.monotonic() < self.deadline else set()
+        return set(self.tokens) if self.live() else set()
 
     def guard(self, agent: str, store: Store) -> tuple[str, tuple[str, str, int]]:
         """SQL (and its parameters) true while this controller holds ``agent``'s lease with the token

@@ -1,9 +1,10 @@
 """The one loop that moves the job queue, whoever runs it.
 
-``serve`` drives it for its lifetime: :meth:`Driver.start` once, then :meth:`Driver.tick` on every
-scheduler tick. Without a ``serve``, ``job.wait()`` and ``fleetctl jobs wait`` drive it in-process,
-one :meth:`Driver.cycle` (reconcile, heartbeat round, tick) at a time. The controller lock in the
-state dir makes sure only one process drives at a time."""
+``serve`` drives it for its lifetime: :meth:`Driver.take_over` for the agents it has just leased,
+then :meth:`Driver.tick` on every scheduler tick. Without a ``serve``, ``job.wait()`` and
+``fleetctl jobs wait`` drive it in-process, one :meth:`Driver.cycle` (reconcile, heartbeat round,
+tick) at a time. The controller lock in the state dir (on a shared store, the leases) makes sure
+only one process drives each agent at a time."""
 
 from __future__ import annotations
 

@@ -196,6 +196,9 @@ class JobQueue:
         """The one UPDATE of job state. Fenced: only while this controller holds the lease of the
         job's agent with the token it was granted (``agent_param`` when the transition moves the job
         to an agent; a job on no agent yet, queued, is anyone's)."""
+        fence = self.fence
+        if fence is not None and not fence.live():
+            return False  # this controller's leases lapsed (it slept, or the store was away): it writes nothing
         values = {k: _column_value(v) for k, v in fields.items()}
         values["updated"] = time.time()
         sql = f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in values)} WHERE id = ?"
@@ -206,14 +209,10 @@ class JobQueue:
         if guard:
             sql += f" AND {guard}"
             params.extend(guard_params)
-        fence = self.fence
-        if fence is not None and not fence.live():
-            return False  # this controller's leases lapsed (it slept, or the store was away): it writes nothing
         if fence is not None:
             agent = agent_param
             if agent is None:  # the job's own agent, pinned in the UPDATE so it cannot change meanwhile
-                row = db.execute("SELECT agent FROM jobs WHERE id = ?", (job_id,)).fetchone()
-                agent = row[0] if row else None
+                agent = _job_agent(db, job_id)
                 sql += " AND jobs.agent IS NULL" if agent is None else " AND jobs.agent = ?"
                 params.extend(() if agent is None else (agent,))
             if agent is not None:
@@ -237,9 +236,7 @@ class JobQueue:
             sql = "INSERT INTO job_events (job_id, ts, event, detail, controller) SELECT ?, ?, ?, ?, ?"
             params: list[Any] = [job_id, time.time(), event, detail, self._writer]
             if fence is not None:
-                if agent is None:
-                    row = db.execute("SELECT agent FROM jobs WHERE id = ?", (job_id,)).fetchone()
-                    agent = row[0] if row is not None else None
+                agent = agent if agent is not None else _job_agent(db, job_id)
                 if agent is not None:
                     fenced, fence_params = fence.guard(agent, self.store)
                     sql += f" WHERE {fenced}"
@@ -249,6 +246,11 @@ class JobQueue:
     def events(self, job_id: str) -> builtins.list[tuple[float, str, str | None]]:
         rows = self.store.query("SELECT ts, event, detail FROM job_events WHERE job_id = ? ORDER BY ts, rowid", (job_id,))
         return [(r["ts"], r["event"], r["detail"]) for r in rows]
+
+
+def _job_agent(db: Connection, job_id: str) -> str | None:
+    row = db.execute("SELECT agent FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    return row[0] if row is not None else None
 
 
 def _column_value(value: Any) -> Any:

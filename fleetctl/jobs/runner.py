@@ -66,21 +66,19 @@ class JobRunner:
         self.fleet = fleet
         self.queue = JobQueue(fleet.store)
         self.results_dir = fleet.state_dir / "jobs"
-        self.fence_source: FenceSource | None = None
 
     def use_fence(self, source: FenceSource | None) -> None:
         """A controller acts only on the agents it leases: their jobs, their hosts, and every queue
         transition fenced by the lease (None: all agents). ``source`` gives the current fence at each
         check, so a tick longer than a renewal period goes on with the renewed leases."""
-        self.fence_source = source
         self.queue.fence_source = source
 
     def _mine(self, agent: str | None) -> bool:
-        fence = self.fence_source() if self.fence_source is not None else None
+        fence = self.queue.fence
         return fence is None or fence.holds(agent)
 
     def _token(self, agent: str) -> int | None:
-        fence = self.fence_source() if self.fence_source is not None else None
+        fence = self.queue.fence
         return fence.tokens.get(agent) if fence is not None else None
 
     # -- the tick ----------------------------------------------------------------------------
