@@ -66,7 +66,8 @@ BUCKETS: list[tuple[str, str]] = [
     (r"paramiko/packet\.py", "paramiko Packetizer (read/send_message, framing)"),
     (r"paramiko/message\.py|paramiko/util\.py|paramiko/common\.py", "paramiko Message encode/decode"),
     (r"paramiko/channel\.py|paramiko/buffered_pipe\.py", "paramiko Channel + buffers"),
-    (r"paramiko/transport\.py", "paramiko Transport (dispatch, open/close channel)"),
+    (r"paramiko/transport\.py|fleetctl/ssh/reader\.py", "Transport dispatch (paramiko's handlers, the shared reader)"),
+    (r"fleetctl/ssh/lean_sync\.py", "thread wake-ups (Event/Condition/pool)"),
     (r"fleetctl/ssh/", "fleetctl/ssh (run, run_kept, session)"),
     (r"threading\.py|concurrent/futures|queue\.py|futex|pthread_cond|sem_|_thread", "thread wake-ups (Event/Condition/pool)"),
     (r"socket\.py|recv|send|select|poll|epoll", "socket syscalls"),
@@ -96,8 +97,8 @@ def count_packets(fleet: Fleet, rounds: int) -> dict[str, float]:
 
     paramiko.packet.Packetizer.send_message, paramiko.packet.Packetizer.read_message = send_message, read_message
     try:
-        # Each transport thread is already inside an unpatched read_message, waiting: its next
-        # packet would go uncounted. One round first, not counted, moves every thread onto ours.
+        # A connection still read by its own thread is inside an unpatched read_message, waiting: its
+        # next packet would go uncounted. One round first, not counted, moves every reader onto ours.
         fleet.heartbeat(record=False)
         counts.clear()
         for _ in range(rounds):

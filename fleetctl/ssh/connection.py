@@ -21,22 +21,12 @@ from fleetctl.ssh.errors import quiet_paramiko, translated
 from fleetctl.ssh.hostkeys import HostKeyPolicy, preferred_algorithms, verify
 from fleetctl.ssh.known_hosts import fingerprint
 from fleetctl.ssh.proxy import ProxyProcess
+from fleetctl.ssh.reader import Transport
 from fleetctl.ssh.session import SessionUnavailable, ShellSession
 from fleetctl.transport import MAX_STDERR, MAX_STDOUT, CommandResult, Hop, HostKeySeen, Route
 
 _READ_CHUNK = 1 << 16
 quiet_paramiko()
-
-
-class _Transport(paramiko.Transport):  # type: ignore[misc]
-    # The transport thread wakes this often only to notice a local close. paramiko's 0.1 s costs
-    # measurable idle CPU across hundreds of kept-open connections (1000 connections at 2 s were
-    # still 4 % of a core); we close by shutting the socket down, which wakes it at once anyway.
-    _active_check_timeout = 10.0
-    # AES-GCM first: an AEAD cipher needs no separate MAC, and paramiko checks MACs with a
-    # byte-by-byte Python loop, a third of a heartbeat's CPU. OpenSSH prefers GCM too.
-    _preferred_ciphers = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
-                          *(c for c in paramiko.Transport._preferred_ciphers if "gcm" not in c))
 
 
 @dataclass
@@ -104,11 +94,11 @@ class SSHConnection:
             peer_ip: str | None = None
             if index == 0:
                 sock, peer_ip = self._first_socket(hop, timeout, is_bastion)
-                transport = _Transport(sock)
+                transport = Transport(sock)
             else:
                 via = self.route.hops[index - 1]
                 channel = self._tunnel(via, hop, is_bastion, deadline, timeout)
-                transport = _Transport(channel)
+                transport = Transport(channel)
             self._transports.append(transport)
             transport.banner_timeout = timeout
             transport.auth_timeout = timeout

@@ -23,6 +23,7 @@ import time
 import paramiko
 
 from fleetctl.errors import CommandTimeout, ConnectionLost, OutputTooLarge
+from fleetctl.ssh import lean_sync
 from fleetctl.ssh.errors import translated
 from fleetctl.transport import CommandResult
 
@@ -46,7 +47,7 @@ class ShellSession:
             # `exec sh`: the login shell sets the environment up once, as for an exec, then steps aside.
             self.channel.exec_command("exec sh")
             self.channel.sendall(_SETUP.encode())
-        self._readable = threading.Event()
+        self._readable = lean_sync.Event()  # held as long as the shell: the lean one
         self.channel.in_buffer.set_event(self._readable)
         self.channel.in_stderr_buffer.set_event(self._readable)
         self._lock = threading.Lock()
