@@ -3,7 +3,8 @@
     resolve.py      where a host is and how to log in: ssh_config via `ssh -G` (or config_file.py's subset)
     config_file.py  ssh_config read like OpenSSH's readconf.c, with file:line provenance
     connection.py   connect along a route (bastions, ProxyCommand); run / read / write / close
-    reader.py       after login, one thread reads every direct connection (not one thread each)
+    loop.py         paramiko's Transport with its read loop movable: own thread until login, then...
+    reader.py       ...one thread that reads every direct connection (not one thread each)
     lean_sync.py    paramiko's per-connection Events and Conditions at a tenth of the memory
     session.py      the kept-open shell that runs each heartbeat's script
     auth.py         which keys are offered, in OpenSSH's order: agent, IdentityFile, certificates

@@ -20,8 +20,8 @@ from fleetctl.ssh.auth import authenticate
 from fleetctl.ssh.errors import quiet_paramiko, translated
 from fleetctl.ssh.hostkeys import HostKeyPolicy, preferred_algorithms, verify
 from fleetctl.ssh.known_hosts import fingerprint
+from fleetctl.ssh.loop import Transport
 from fleetctl.ssh.proxy import ProxyProcess
-from fleetctl.ssh.reader import Transport
 from fleetctl.ssh.session import SessionUnavailable, ShellSession
 from fleetctl.transport import MAX_STDERR, MAX_STDOUT, CommandResult, Hop, HostKeySeen, Route
 

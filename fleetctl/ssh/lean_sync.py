@@ -30,7 +30,7 @@ class Condition:
     __slots__ = ("_lock", "_waiters")
 
     def __init__(self, lock: Any = None) -> None:
-        self._lock = threading.RLock() if lock is None else lock
+        self._lock: Any = threading.RLock() if lock is None else lock
         self._waiters: list[Any] | None = None
 
     def __enter__(self) -> bool:
@@ -130,6 +130,10 @@ class Condition:
     def notify_all(self) -> None:
         self.notify(len(self._waiters or ()))
 
+    def _at_fork_reinit(self) -> None:  # threading calls it in a forked child (CPython's, the same)
+        self._lock._at_fork_reinit()
+        self._waiters = None
+
 
 class Event:
     """``threading.Event``: same methods, same semantics (CPython 3.11's algorithm)."""
@@ -163,6 +167,9 @@ class Event:
             if not signaled:
                 signaled = self._cond.wait(timeout)
             return signaled
+
+    def _at_fork_reinit(self) -> None:  # threading calls it on a Thread's Event in a forked child
+        self._cond._at_fork_reinit()
 
 
 class _Threading(types.ModuleType):

@@ -8,6 +8,7 @@ import base64
 import contextlib
 import getpass
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -27,7 +28,8 @@ from fleetctl.sandbox import Sandbox, sshd
 from fleetctl.sandbox.sandbox import _free_port
 from fleetctl.ssh import connect
 from fleetctl.ssh.known_hosts import fingerprint
-from fleetctl.ssh.reader import MAX_PACKET, Transport, shared_reader
+from fleetctl.ssh.loop import MAX_PACKET, Transport
+from fleetctl.ssh.reader import shared_reader
 from fleetctl.transport import Hop, Route
 from tests.conftest import require_sshd
 
@@ -70,7 +72,7 @@ def test_a_direct_connection_is_read_by_the_shared_reader_after_login(fleet_sand
     finally:
         for conn in connections:
             conn.close()
-    assert all(t not in shared_reader()._transports.values() for t in transports)
+    assert not any(shared_reader().holds(t) for t in transports)
 
 
 class _Server:
@@ -154,7 +156,7 @@ def test_a_peer_that_dies_ends_its_connection_in_the_reader(server_factory: obje
         for pid in children:
             os.kill(int(pid), signal.SIGKILL)
         assert _wait_for(lambda: not transport.is_active())
-        assert transport not in shared_reader()._transports.values()
+        assert not shared_reader().holds(transport)
         with pytest.raises(ConnectionLost):
             conn.run("true")
     finally:
@@ -226,16 +228,87 @@ def test_a_host_stuck_mid_packet_stalls_only_itself(server_factory: object) -> N
         relay.close()
 
 
-def test_a_packet_longer_than_openssh_allows_ends_the_connection() -> None:
+def test_a_malformed_packet_length_ends_the_connection() -> None:
     ours, theirs = socket.socketpair()
     try:
         transport = Transport(ours)  # never started: only its framing is tested
         transport.packetizer._Packetizer__aead_in = True
-        transport._inbox += (MAX_PACKET + 1).to_bytes(4, "big") + b"\0" * 16
-        with pytest.raises(SSHException, match="over the 262144-byte limit"):
-            transport._packet_size()
-        transport._inbox[:] = (1000).to_bytes(4, "big")
-        assert transport._packet_size() == 4 + 1000 + transport.packetizer.get_mac_size_in()
+        transport.packetizer._Packetizer__block_size_in = 16
+        # Over OpenSSH's limit; too short (paramiko would read into the next packet); not whole blocks.
+        for length in (MAX_PACKET + 16, 0, 20):
+            transport._inbox[:] = length.to_bytes(4, "big") + b"\0" * 16
+            with pytest.raises(SSHException, match="malformed packet length"):
+                transport._packet_size()
+        transport._inbox[:] = (1008).to_bytes(4, "big")
+        assert transport._packet_size() == 4 + 1008 + transport.packetizer.get_mac_size_in()
     finally:
         ours.close()
         theirs.close()
+
+
+def test_a_connection_whose_answers_would_wait_gets_its_own_thread_back(server_factory: object) -> None:
+    # Another thread stuck mid-send on one connection (as when its host stops reading): the reader
+    # must not wait behind it to answer that host, or every host waits. It hands that connection a
+    # thread of its own and goes on with the others.
+    server = server_factory([])  # type: ignore[operator]
+    with connect(server.route) as stuck, connect(server.route) as healthy:
+        transport = stuck._transports[-1]
+        assert _wait_for(lambda: transport.handed_over and healthy._transports[-1].handed_over)
+        results: list[object] = []
+        waiting = threading.Thread(target=lambda: results.append(stuck.run("sleep 0.5; echo late", timeout=20)))
+        waiting.start()
+        write_lock = transport.packetizer._Packetizer__write_lock
+        assert _wait_for(lambda: transport._channels.values())  # its exec went out
+        with write_lock:  # from here on every send on the stuck connection waits
+            # The reply (output, exit status, the server's close) needs an answer: the reader gives
+            # the connection its own thread rather than wait; the healthy one keeps working.
+            assert _wait_for(lambda: not transport.handed_over, 10.0)
+            for attempt in range(3):
+                assert healthy.run_kept(f"echo {attempt}", timeout=5).stdout == f"{attempt}\n"
+        waiting.join(20)
+        assert [r.stdout for r in results] == ["late\n"]  # type: ignore[attr-defined]
+        assert stuck.run("echo own thread").stdout == "own thread\n"
+        assert not transport.handed_over and transport.is_active()
+
+
+def test_a_forked_child_starts_cleanly_with_connections_handed_over(fleet_sandbox: Sandbox) -> None:
+    route = route_for(load_config(fleet_sandbox.inventory_path).get("direct-nv"))
+    with connect(route) as conn:
+        assert _wait_for(lambda: conn._transports[-1].handed_over)
+        pid = os.fork()
+        if pid == 0:  # the child: threading's after-fork hooks ran over our transports' Events
+            code = 1
+            try:
+                thread = threading.Thread(target=lambda: None)
+                thread.start()
+                thread.join()
+                code = 0 if shared_reader().ident != 0 else 1  # a reader of the child's own
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert conn.run("echo parent").stdout == "parent\n"
+
+
+def test_descriptors_past_1024_are_read_like_any_other(fleet_sandbox: Sandbox) -> None:
+    # A fleet of a thousand hosts has sockets numbered past select()'s 1024 limit.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the hard limit on open files is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200) if soft != resource.RLIM_INFINITY else soft, hard))
+    fillers: list[int] = []
+    try:
+        while not fillers or fillers[-1] < 1030:
+            fillers.append(os.open(os.devnull, os.O_RDONLY))
+        route = route_for(load_config(fleet_sandbox.inventory_path).get("direct-nv"))
+        with connect(route) as conn:
+            transport = conn._transports[-1]
+            assert _wait_for(lambda: transport.handed_over)
+            assert transport.reader_fd > 1024
+            for attempt in range(3):
+                assert conn.run_kept(f"echo {attempt}").stdout == f"{attempt}\n"
+            assert transport.handed_over
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
