@@ -14,6 +14,7 @@ import os
 import selectors
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -85,11 +86,11 @@ class Reader:
                 for transport in list(self._keepalives):
                     self._call(transport, transport.on_tick)
 
-    def _call(self, transport: Transport, callback: object) -> None:
+    def _call(self, transport: Transport, callback: Callable[[], None]) -> None:
         # The transports catch their own errors; anything escaping still ends only that one
         # connection, never this thread (which every other connection depends on).
         try:
-            callback()  # type: ignore[operator]
+            callback()
         except BaseException as exc:  # noqa: BLE001
             log.debug("ending %r after an unexpected error in the reader: %r", transport, exc)
             self.release(transport)
