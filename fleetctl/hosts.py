@@ -31,12 +31,13 @@ from fleetctl.leases import Fence
 from fleetctl.paths import state_dir as resolve_state_dir
 from fleetctl.paths import store_url
 from fleetctl.routes import HopView, describe_route, resolver_for, route_for
-from fleetctl.ssh import ConnectOptions, HostKeyPolicy, connect
+from fleetctl.ssh import ConnectOptions, Connector, HostKeyPolicy
 from fleetctl.ssh.known_hosts import KnownHosts
 from fleetctl.ssh.resolve import SshConfigResolver
 from fleetctl.store import Store, open_store
 from fleetctl.telemetry import TelemetrySnapshot
-from fleetctl.transport import Connection, Connector, Route
+from fleetctl.transport import Connection, Route
+from fleetctl.transport import Connector as TransportConnector
 
 if TYPE_CHECKING:
     from typing import Self
@@ -101,7 +102,8 @@ class Hosts:
         self._pruned_at = -PRUNE_EVERY_S
         self.connect_options = ConnectOptions(host_keys=HostKeyPolicy(KnownHosts.default(self.state_dir),
                                                                       accept_any_host_key))
-        self._connect: Connector = connector or (lambda route: connect(route, self.connect_options))
+        # One Connector for the fleet: hosts behind the same bastion share one connection to it.
+        self._connect: TransportConnector = connector or Connector(self.connect_options)
         self._connections: dict[str, Connection] = {}
         self._locks: dict[str, threading.Lock] = {a.name: threading.Lock() for a in inventory}
         self._routes: dict[str, Route] = {}

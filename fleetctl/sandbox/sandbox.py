@@ -227,7 +227,11 @@ class Sandbox:
             self._save_state()
 
     def restart_host(self, name: str) -> None:
-        """Start a stopped host's sshd again on the same address, as if the machine came back."""
+        """Start a stopped host's (or bastion's) sshd again on the same address, as if the machine came back."""
+        bastion_zones = dict(self.bastions())
+        if name in bastion_zones:
+            self._start(name, bastion_zones[name], self.endpoints[name], forwarding=True, tool_dirs=[])
+            return
         host = next(h for h in self.hosts if h.name == name)
         self._start(name, host.zone, self.endpoints[name], forwarding=False, tool_dirs=[self.host_dir(name) / "bin"])
 

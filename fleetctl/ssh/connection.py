@@ -1,5 +1,5 @@
-"""A live SSH connection along a route: bastions crossed with direct-tcpip channels, the first hop
-over TCP or a ProxyCommand; then run / read / write / close. Every vendor error is translated by
+"""A live SSH connection along a route: the target's own link (:mod:`fleetctl.ssh.link`), over the
+bastions' links shared with other hosts (:mod:`fleetctl.ssh.hops`); then run / read / write / close. Every vendor error is translated by
 :mod:`fleetctl.ssh.errors`; host keys are judged by :mod:`fleetctl.ssh.hostkeys`, keys offered by
 :mod:`fleetctl.ssh.auth`. Policy (what a timeout means for health, retries) lives above.
 """
@@ -7,150 +7,70 @@ over TCP or a ProxyCommand; then run / read / write / close. Every vendor error 
 from __future__ import annotations
 
 import contextlib
-import socket
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import paramiko
 
-from fleetctl.errors import CommandTimeout, ConnectionLost, OutputTooLarge, TransportError, UnreachableError
-from fleetctl.ssh.auth import authenticate
-from fleetctl.ssh.errors import quiet_paramiko, translated
-from fleetctl.ssh.hostkeys import HostKeyPolicy, preferred_algorithms, verify
-from fleetctl.ssh.known_hosts import fingerprint
-from fleetctl.ssh.loop import Transport
-from fleetctl.ssh.proxy import ProxyProcess
+from fleetctl.errors import CommandTimeout, ConnectionLost, OutputTooLarge, TransportError
+from fleetctl.ssh.errors import translated
+from fleetctl.ssh.hops import HopPool
+from fleetctl.ssh.link import ConnectOptions, Link
 from fleetctl.ssh.session import SessionUnavailable, ShellSession
-from fleetctl.transport import MAX_STDERR, MAX_STDOUT, CommandResult, Hop, HostKeySeen, Route
+from fleetctl.transport import MAX_STDERR, MAX_STDOUT, CommandResult, HostKeySeen, Route
 
 _READ_CHUNK = 1 << 16
-quiet_paramiko()
-
-
-@dataclass
-class ConnectOptions:
-    host_keys: HostKeyPolicy = field(default_factory=HostKeyPolicy)
-    use_agent: bool = True
-    keepalive_s: int = 0
-
-
-def _tcp_socket(hop: Hop, timeout: float, is_bastion: bool) -> socket.socket:
-    family = {"inet": socket.AF_INET, "inet6": socket.AF_INET6}.get(hop.address_family, 0)
-    with translated("connect", f"cannot reach {hop.address}", hop=hop.address, is_bastion=is_bastion,
-                    hostname=hop.hostname, timeout=timeout):
-        if family:
-            info = socket.getaddrinfo(hop.hostname, hop.port, family, socket.SOCK_STREAM)
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.settimeout(timeout)
-            if hop.bind_address:
-                sock.bind((hop.bind_address, 0))
-            sock.connect(info[0][4])
-        else:
-            source = (hop.bind_address, 0) if hop.bind_address else None
-            sock = socket.create_connection((hop.hostname, hop.port), timeout=timeout, source_address=source)
-    # Without TCP_NODELAY, Nagle plus delayed ACK stalls each back-to-back exec by ~40 ms.
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
 
 
 class SSHConnection:
     """A live connection to one host, through zero or more bastions. Safe to reuse; not thread-safe
-    for concurrent commands (the heartbeat pool gives each host one worker at a time)."""
+    for concurrent commands (the heartbeat pool gives each host one worker at a time).
 
-    def __init__(self, route: Route, options: ConnectOptions | None = None, *, probe: bool = False) -> None:
+    The links to the bastions come from ``hops`` (shared with every other host behind them, see
+    :mod:`fleetctl.ssh.hops`); the link to the target is this connection's own."""
+
+    def __init__(self, route: Route, options: ConnectOptions | None = None, *, probe: bool = False,
+                 hops: HopPool | None = None) -> None:
         self.route = route
-        self._probe = probe  # stop after the target's handshake: its key is read, not judged
         self.options = options or ConnectOptions()
+        self._hops = hops if hops is not None else HopPool(self.options)
         self.host_keys: list[HostKeySeen] = []
-        self._transports: list[paramiko.Transport] = []
-        self._raw_socket: socket.socket | None = None
-        self._proxy: ProxyProcess | None = None
+        self._via: Link | None = None
+        self._target: Link | None = None
         self._sftp: paramiko.SFTPClient | None = None
         self._session: ShellSession | None = None
         self._session_lock = threading.Lock()
         self._kept_unavailable = False
         try:
-            self._open()
+            self._open(probe)
         except BaseException:
             self.close()
             raise
 
-    def _first_socket(self, hop: Hop, timeout: float, is_bastion: bool) -> tuple[socket.socket, str | None]:
-        if hop.proxy_command:
-            self._proxy = ProxyProcess(hop, timeout)
-            return self._proxy.socket, None
-        sock = _tcp_socket(hop, timeout, is_bastion)
-        self._raw_socket = sock
-        return sock, sock.getpeername()[0]
-
-    def _open(self) -> None:
+    def _open(self, probe: bool) -> None:
         timeout = self.route.connect_timeout
-        last = len(self.route.hops) - 1
-        for index, hop in enumerate(self.route.hops):
-            is_bastion = index < last
-            deadline = time.monotonic() + timeout
-            peer_ip: str | None = None
-            if index == 0:
-                sock, peer_ip = self._first_socket(hop, timeout, is_bastion)
-                transport = Transport(sock)
-            else:
-                via = self.route.hops[index - 1]
-                channel = self._tunnel(via, hop, is_bastion, deadline, timeout)
-                transport = Transport(channel)
-            self._transports.append(transport)
-            transport.banner_timeout = timeout
-            transport.auth_timeout = timeout
-            options = transport.get_security_options()
-            options.key_types = preferred_algorithms(hop, self.options.host_keys, tuple(options.key_types))
-            self._handshake(transport, hop, is_bastion, deadline)
-            key = transport.get_remote_server_key()
-            if self._probe and not is_bastion:
-                self.host_keys.append(HostKeySeen(hop.address, key.get_name(), fingerprint(key.asbytes()), peer_ip,
-                                                  key_blob=key.asbytes()))
-                return
-            verdict = verify(hop, key.get_name(), key.asbytes(), self.options.host_keys, is_bastion=is_bastion)
-            with translated("connect", f"{hop.address} closed the connection during login", hop=hop.address,
-                            is_bastion=is_bastion, deadline=deadline):
-                identity = authenticate(transport, hop, is_bastion, use_agent=self.options.use_agent)
-            self.host_keys.append(HostKeySeen(hop.address, key.get_name(), fingerprint(key.asbytes()), peer_ip,
-                                              verdict, identity))
-            keepalive = hop.keepalive_s or self.options.keepalive_s
-            if keepalive:
-                transport.set_keepalive(keepalive)
+        bastions = self.route.bastions
+        if bastions:
+            self._via = self._hops.acquire(bastions, timeout)
+            chain: list[Link] = []
+            link: Link | None = self._via
+            while link is not None:
+                chain.append(link)
+                link = link.via
+            self.host_keys.extend(link.seen for link in reversed(chain) if link.seen is not None)
+        self._target = self._hops.open_link(self.route.target, via=self._via, via_chain=bastions, timeout=timeout,
+                                            is_bastion=False, probe=probe)
+        if self._target.seen is not None:
+            self.host_keys.append(self._target.seen)
 
-    def _tunnel(self, via: Hop, hop: Hop, is_bastion: bool, deadline: float, timeout: float) -> paramiko.Channel:
-        try:
-            with translated("tunnel", f"bastion {via.address} could not reach {hop.address}", hop=hop.address,
-                            is_bastion=is_bastion, deadline=deadline, timeout=timeout,
-                            hint="is the host up and reachable from the bastion?"):
-                return self._transports[-1].open_channel("direct-tcpip", (hop.hostname, hop.port), ("127.0.0.1", 0),
-                                                         timeout=timeout)
-        except UnreachableError as exc:
-            cause = exc.__cause__
-            # SSH_OPEN_ADMINISTRATIVELY_PROHIBITED: sshd's AllowTcpForwarding (or PermitOpen) says no.
-            if isinstance(cause, paramiko.ChannelException) and cause.code == 1:
-                raise UnreachableError(f"bastion {via.address} refuses to forward to {hop.address}", hop=via.address,
-                                       is_bastion=True, hint="set AllowTcpForwarding yes on the bastion") from cause
-            raise
-
-    def _handshake(self, transport: paramiko.Transport, hop: Hop, is_bastion: bool, deadline: float) -> None:
-        try:
-            with translated("connect", f"SSH handshake with {hop.address} failed", hop=hop.address,
-                            is_bastion=is_bastion, deadline=deadline, timeout=self.route.connect_timeout,
-                            hint="is it an SSH server on that port?"):
-                transport.start_client(timeout=max(0.1, deadline - time.monotonic()))
-        except TransportError as exc:
-            if self._proxy is not None and len(self._transports) == 1:
-                raise UnreachableError(f"SSH handshake with {hop.address} failed: {self._proxy.failure()}",
-                                       hop=hop.address, is_bastion=is_bastion,
-                                       hint="run the ProxyCommand by hand to see why") from exc
-            raise
+    @property
+    def _transport(self) -> paramiko.Transport | None:
+        return self._target.transport if self._target is not None else None
 
     @property
     def is_open(self) -> bool:
-        return bool(self._transports) and all(t.is_active() for t in self._transports)
+        return self._target is not None and self._target.is_active
 
     def _lost(self, doing: str) -> ConnectionLost:
         return ConnectionLost(f"connection to {self.route.target.address} lost while {doing}",
@@ -164,8 +84,8 @@ class SSHConnection:
         stderr_cap = MAX_STDERR if max_stderr is None else max_stderr
         started = time.monotonic()
         deadline = started + (timeout if timeout is not None else 3600.0)
-        target = self._transports[-1] if self._transports else None
-        if target is None or not target.is_active():
+        target = self._transport
+        if target is None or not self.is_open:
             raise self._lost("starting a command")
         try:
             channel = target.open_session(timeout=max(deadline - time.monotonic(), 0.1))
@@ -206,7 +126,8 @@ class SSHConnection:
                                      hop=self.route.target.address)
             exit_code = channel.recv_exit_status()
         finally:
-            channel.close()
+            with contextlib.suppress(Exception):  # over a dead link: closed is closed
+                channel.close()
         if exit_code == -1:  # channel closed without an exit status: the connection died
             raise self._lost(f"running `{_short(command)}`")
         return CommandResult(command, exit_code, stdout.decode("utf-8", "replace"),
@@ -234,7 +155,8 @@ class SSHConnection:
                 self._session.close()
                 self._session = None
             if self._session is None:
-                self._session = ShellSession(self._transports[-1], self.route.target.address, self.route.connect_timeout)
+                assert self._transport is not None  # is_open
+                self._session = ShellSession(self._transport, self.route.target.address, self.route.connect_timeout)
             session = self._session
         try:
             return session.run(command, timeout=3600.0 if timeout is None else timeout,
@@ -251,7 +173,8 @@ class SSHConnection:
                 raise self._lost("opening SFTP")
             with translated("command", f"SFTP unavailable on {target}", hop=target,
                             hint="enable the sftp subsystem in sshd"):
-                self._sftp = self._transports[-1].open_sftp_client()
+                assert self._transport is not None  # is_open
+                self._sftp = self._transport.open_sftp_client()
             if self._sftp is None:
                 raise TransportError(f"SFTP unavailable on {target}", hop=target, hint="enable the sftp subsystem in sshd")
         return self._sftp
@@ -278,25 +201,23 @@ class SSHConnection:
             self._sftp_client().get(remote_path, str(local_path))
 
     def close(self) -> None:
+        # Closing is best effort: over a dead bastion, paramiko's close messages raise EOFError;
+        # closed is closed, and close() never raises.
         if self._session is not None:
-            self._session.close()
+            with contextlib.suppress(Exception):
+                self._session.close()
             self._session = None
         if self._sftp is not None:
             # Closing over a dead channel can raise anything paramiko has; closed is closed.
             with contextlib.suppress(Exception):
                 self._sftp.close()
             self._sftp = None
-        for transport in reversed(self._transports):
-            transport.close()
-        self._transports.clear()
-        if self._raw_socket is not None:
-            with contextlib.suppress(OSError):
-                self._raw_socket.shutdown(socket.SHUT_RDWR)
-            self._raw_socket.close()
-            self._raw_socket = None
-        if self._proxy is not None:
-            self._proxy.close()
-            self._proxy = None
+        if self._target is not None:
+            self._target.close()
+            self._target = None
+        if self._via is not None:
+            via, self._via = self._via, None
+            self._hops.release(via)
 
     def __enter__(self) -> SSHConnection:
         return self
@@ -309,9 +230,21 @@ def _short(command: str, limit: int = 60) -> str:
     return command if len(command) <= limit else command[: limit - 3] + "..."
 
 
-def connect(route: Route, options: ConnectOptions | None = None) -> SSHConnection:
-    """Open a connection along ``route`` (bastions first). Raises a :class:`TransportError`."""
-    return SSHConnection(route, options)
+def connect(route: Route, options: ConnectOptions | None = None, *, hops: HopPool | None = None) -> SSHConnection:
+    """Open a connection along ``route`` (bastions first), sharing the bastion links of ``hops``
+    when given. Raises a :class:`TransportError`."""
+    return SSHConnection(route, options, hops=hops)
+
+
+class Connector:
+    """Opens connections that share their bastions (the :class:`~fleetctl.transport.Connector` of a fleet)."""
+
+    def __init__(self, options: ConnectOptions | None = None) -> None:
+        self.options = options or ConnectOptions()
+        self.hops = HopPool(self.options)
+
+    def __call__(self, route: Route) -> SSHConnection:
+        return SSHConnection(route, self.options, hops=self.hops)
 
 
 def probe_host_key(route: Route, options: ConnectOptions | None = None) -> HostKeySeen:

@@ -3,8 +3,10 @@
 error for the phase the failure happened in, and the original is kept as ``__cause__``. Nothing
 here reads an exception's message to decide what it means; a timeout is recognised by the clock.
 
-paramiko's own logger is also demoted here: its records go to fleetctl's logger at DEBUG and never
-to the user's terminal (a failed handshake otherwise prints a traceback from paramiko's thread).
+paramiko's log records of fleetctl's own connections are demoted here: each transport fleetctl opens
+logs to :data:`PARAMIKO_LOG_CHANNEL` (paramiko's public ``set_log_channel``), whose records go to
+fleetctl's logger at DEBUG and never to the user's terminal (a failed handshake otherwise prints a
+traceback from paramiko's thread). paramiko's own loggers, which other code may use, are untouched.
 """
 
 from __future__ import annotations
@@ -110,13 +112,17 @@ def translated(phase: Phase, message: str, *, hop: str, is_bastion: bool = False
         raise rule.error(text, hop=hop, is_bastion=is_bastion, hint=rule.hint or hint) from exc
 
 
+PARAMIKO_LOG_CHANNEL = "fleetctl.ssh.paramiko"
+
+
 class _DemoteToDebug(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
-        logging.getLogger("fleetctl.ssh.paramiko").debug("%s", record.getMessage())
+        logging.getLogger("fleetctl.ssh").debug("paramiko: %s", record.getMessage())
 
 
 def quiet_paramiko() -> None:
-    logger = logging.getLogger("paramiko")
+    """fleetctl's own log channel for paramiko: every record demoted to DEBUG (idempotent)."""
+    logger = logging.getLogger(PARAMIKO_LOG_CHANNEL)
     if not any(isinstance(h, _DemoteToDebug) for h in logger.handlers):
         logger.addHandler(_DemoteToDebug())
     logger.propagate = False

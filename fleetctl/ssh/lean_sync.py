@@ -1,27 +1,21 @@
-"""paramiko's Events and Conditions, at a tenth of the memory.
+"""Events and Conditions at a fraction of the memory, for objects fleetctl creates and keeps per
+connection (a kept shell's wake-up, a handed-over transport's ``started`` flag).
 
-A kept connection holds about thirteen of them (its transport, its channel and the channel's two
-buffers each keep several), and ``threading.Condition`` costs about 1.2 KiB even when nobody waits:
-an instance dict, five bound methods copied into it, and a deque whose first 528-byte block is
-allocated up front. Across 1000 hosts that is some 16 MiB of a controller doing nothing. These
-classes run CPython's own algorithm (``Lib/threading.py``) with ``__slots__`` and a waiter list
-made on the first wait; :func:`install` hands them to the paramiko modules that create them per
-connection, and leaves everything else of ``threading`` as it is.
+``threading.Condition`` carries an instance dict, five bound methods copied into it and a deque
+allocated up front even when nobody waits. These classes run CPython's own algorithm
+(``Lib/threading.py``) with ``__slots__`` and a waiter list made on the first wait. They are never
+installed into another library's modules: paramiko's own objects keep ``threading``'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
-import types
 from collections.abc import Callable
 from time import monotonic
 from typing import Any
 
 _allocate_lock = threading.Lock
-
-# The paramiko modules that make Events and Conditions per connection or per channel.
-_PARAMIKO_MODULES = ("paramiko.transport", "paramiko.channel", "paramiko.buffered_pipe", "paramiko.auth_handler")
 
 
 class Condition:
@@ -170,24 +164,3 @@ class Event:
 
     def _at_fork_reinit(self) -> None:  # threading calls it on a Thread's Event in a forked child
         self._cond._at_fork_reinit()
-
-
-class _Threading(types.ModuleType):
-    """``threading`` as the paramiko modules see it: these two classes, the rest the real module's."""
-
-    Event = Event
-    Condition = Condition
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(threading, name)
-
-
-def install() -> None:
-    """Give paramiko's per-connection modules the lean classes (idempotent)."""
-    import importlib
-
-    lean = _Threading("threading")
-    for name in _PARAMIKO_MODULES:
-        module = importlib.import_module(name)
-        if getattr(module, "threading", None) is threading:
-            module.threading = lean  # type: ignore[attr-defined]

@@ -54,7 +54,6 @@ MAX_PACKET = 256 * 1024
 # connection a thread of its own (see _answer_could_block).
 _SENDER_GRACE_S = 0.1
 
-lean_sync.install()
 _STARTED = lean_sync.Event()
 _STARTED.set()
 
@@ -68,12 +67,6 @@ class Transport(paramiko.Transport):  # type: ignore[misc]
     # costs measurable idle CPU across hundreds of connections; close() shuts the socket down,
     # which wakes the thread at once anyway.
     _active_check_timeout = 10.0
-    # AES-GCM first: an AEAD cipher needs no separate MAC, and paramiko checks MACs with a
-    # byte-by-byte Python loop, a third of a heartbeat's CPU. OpenSSH prefers GCM too. It also
-    # sends the packet length in clear, which lets the reader take the connection over.
-    _preferred_ciphers = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
-                          *(c for c in paramiko.Transport._preferred_ciphers if "gcm" not in c))
-
     # Set by paramiko's __init__; declared for the type checker, as this class assigns them too.
     active: bool
     saved_exception: BaseException | None

@@ -16,6 +16,7 @@ OutputTooLarge, a dropped connection ConnectionLost.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import threading
 import time
@@ -57,7 +58,8 @@ class ShellSession:
         return not (self.channel.closed or self.channel.eof_received or self.channel.exit_status_ready())
 
     def close(self) -> None:
-        self.channel.close()
+        with contextlib.suppress(Exception):  # over a dead link paramiko's close message raises; closed is closed
+            self.channel.close()
 
     def run(self, command: str, *, timeout: float, max_stdout: int, max_stderr: int) -> CommandResult:
         with self._lock:

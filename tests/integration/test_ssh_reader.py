@@ -50,7 +50,7 @@ def test_a_direct_connection_is_read_by_the_shared_reader_after_login(fleet_sand
     before = threading.active_count()
     connections = [connect(route) for _ in range(8)]
     try:
-        transports = [c._transports[-1] for c in connections]
+        transports = [c._transport for c in connections]
         assert _wait_for(lambda: all(t.handed_over and not t.is_alive() for t in transports))
         # Eight logged-in connections, and at most the one reader thread more than before.
         assert threading.active_count() <= before + 1
@@ -115,7 +115,7 @@ def test_the_reader_answers_the_servers_keepalives(server_factory: object) -> No
     # unanswered: two of them answered, by the reader, and the connection still works.
     server = server_factory(["ClientAliveInterval 1", "ClientAliveCountMax 1"])  # type: ignore[operator]
     with connect(server.route) as conn:
-        transport = conn._transports[-1]
+        transport = conn._transport
         assert _wait_for(lambda: transport.handed_over)
         requests: list[int] = []
         dispatch = transport._dispatch
@@ -134,7 +134,7 @@ def test_the_reader_answers_the_servers_keepalives(server_factory: object) -> No
 def test_the_reader_sends_our_keepalives(server_factory: object) -> None:
     server = server_factory([])  # type: ignore[operator]
     with connect(server.route) as conn:
-        transport = conn._transports[-1]
+        transport = conn._transport
         assert _wait_for(lambda: transport.handed_over)
         sent: list[str] = []
         real = transport.global_request
@@ -148,7 +148,7 @@ def test_a_peer_that_dies_ends_its_connection_in_the_reader(server_factory: obje
     server = server_factory([])  # type: ignore[operator]
     conn = connect(server.route)
     try:
-        transport = conn._transports[-1]
+        transport = conn._transport
         assert _wait_for(lambda: transport.handed_over)
         # The session's own sshd process: the child of the listener serving this connection.
         children = subprocess.run(["pgrep", "-P", str(server.pid)], capture_output=True, text=True).stdout.split()
@@ -205,7 +205,7 @@ def test_a_host_stuck_mid_packet_stalls_only_itself(server_factory: object) -> N
     stuck_route = Route((replace(hop, port=relay.port),), 10.0)
     try:
         with connect(stuck_route) as stuck, connect(server.route) as healthy:
-            assert _wait_for(lambda: stuck._transports[-1].handed_over and healthy._transports[-1].handed_over)
+            assert _wait_for(lambda: stuck._transport.handed_over and healthy._transport.handed_over)
             assert stuck.run_kept("echo before").stdout == "before\n"
             relay.stall.set()
             failures: list[BaseException] = []
@@ -252,8 +252,8 @@ def test_a_connection_whose_answers_would_wait_gets_its_own_thread_back(server_f
     # thread of its own and goes on with the others.
     server = server_factory([])  # type: ignore[operator]
     with connect(server.route) as stuck, connect(server.route) as healthy:
-        transport = stuck._transports[-1]
-        assert _wait_for(lambda: transport.handed_over and healthy._transports[-1].handed_over)
+        transport = stuck._transport
+        assert _wait_for(lambda: transport.handed_over and healthy._transport.handed_over)
         results: list[object] = []
         waiting = threading.Thread(target=lambda: results.append(stuck.run("sleep 0.5; echo late", timeout=20)))
         waiting.start()
@@ -274,7 +274,7 @@ def test_a_connection_whose_answers_would_wait_gets_its_own_thread_back(server_f
 def test_a_forked_child_starts_cleanly_with_connections_handed_over(fleet_sandbox: Sandbox) -> None:
     route = route_for(load_config(fleet_sandbox.inventory_path).get("direct-nv"))
     with connect(route) as conn:
-        assert _wait_for(lambda: conn._transports[-1].handed_over)
+        assert _wait_for(lambda: conn._transport.handed_over)
         pid = os.fork()
         if pid == 0:  # the child: threading's after-fork hooks ran over our transports' Events
             code = 1
@@ -302,7 +302,7 @@ def test_descriptors_past_1024_are_read_like_any_other(fleet_sandbox: Sandbox) -
             fillers.append(os.open(os.devnull, os.O_RDONLY))
         route = route_for(load_config(fleet_sandbox.inventory_path).get("direct-nv"))
         with connect(route) as conn:
-            transport = conn._transports[-1]
+            transport = conn._transport
             assert _wait_for(lambda: transport.handed_over)
             assert transport.reader_fd > 1024
             for attempt in range(3):

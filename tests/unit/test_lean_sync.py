@@ -6,12 +6,8 @@ import sys
 import threading
 import time
 
-import paramiko.buffered_pipe
-import paramiko.channel
-import paramiko.transport
 import pytest
 
-import fleetctl.ssh  # noqa: F401 - installs the lean classes
 from fleetctl.ssh.lean_sync import Condition, Event
 
 
@@ -82,11 +78,20 @@ def test_condition_refuses_an_unheld_lock_and_works_with_an_rlock() -> None:
     assert not reentrant._is_owned()
 
 
-def test_installed_only_in_paramikos_per_connection_modules() -> None:
-    for module in (paramiko.transport, paramiko.channel, paramiko.buffered_pipe):
-        assert module.threading.Event is Event and module.threading.Condition is Condition
-        assert module.threading.Thread is threading.Thread and module.threading.Lock is threading.Lock
-    assert threading.Event is not Event and sys.modules["threading"] is threading
+def test_import_fleetctl_leaves_paramikos_modules_untouched() -> None:
+    """Nothing fleetctl does changes paramiko for other code in the process (issue 19)."""
+    import subprocess
+
+    probe = ("import threading, logging, paramiko.transport, paramiko.channel, paramiko.buffered_pipe, paramiko.auth_handler\n"
+             "before = {n: logging.getLogger(n).handlers[:] for n in ('paramiko', 'paramiko.transport')}\n"
+             "import fleetctl, fleetctl.ssh, fleetctl.ssh.loop, fleetctl.ssh.connection\n"
+             "mods = (paramiko.transport, paramiko.channel, paramiko.buffered_pipe, paramiko.auth_handler)\n"
+             "assert all(m.threading is threading for m in mods), [m.threading for m in mods]\n"
+             "assert all(logging.getLogger(n).handlers == h for n, h in before.items())\n"
+             "assert logging.getLogger('paramiko').propagate\n"
+             "import paramiko.config\n"
+             "assert getattr(paramiko.config, 'invoke', None) is None or type(paramiko.config.invoke).__name__ == 'module'\n")
+    subprocess.run([sys.executable, "-c", probe], check=True)
 
 
 def test_a_lean_event_is_far_smaller_than_threadings() -> None:
