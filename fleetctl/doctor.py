@@ -13,9 +13,10 @@ import shlex
 from dataclasses import asdict, dataclass
 
 from fleetctl.config import Agent
-from fleetctl.errors import AuthError, FleetError, HostKeyError, TransportError
+from fleetctl.errors import FleetError, TransportError
 from fleetctl.fleet import Fleet
 from fleetctl.gpu_tools import TOOLS
+from fleetctl.outcomes import status_of
 from fleetctl.text import one_line
 from fleetctl.transport import Connection, Route
 
@@ -64,7 +65,7 @@ def check_agent(fleet: Fleet, agent: Agent) -> list[Check]:
 def _hop_failure(name: str, route: Route, exc: TransportError) -> list[Check]:
     addresses = [hop.address for hop in route.hops]
     failed = addresses.index(exc.hop) if exc.hop in addresses else len(addresses) - 1
-    stage = "host key" if isinstance(exc, HostKeyError) else "login" if isinstance(exc, AuthError) else "connect"
+    stage = {"host_key_mismatch": "host key", "auth_failed": "login"}.get(status_of(exc), "connect")
     checks = [Check(name, f"hop {i + 1} (bastion)", True, f"{addresses[i]}: reached; forwarding allowed")
               for i in range(failed)]
     role = "bastion" if failed < len(addresses) - 1 else "target"

@@ -15,16 +15,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from fleetctl.config import Agent
 from fleetctl.errors import (
-    AuthError,
-    CommandTimeout,
     ConfigError,
     ConnectionLost,
     FleetError,
-    HostKeyError,
     OutputTooLarge,
-    TransportError,
 )
 from fleetctl.labels import labels_match
+from fleetctl.outcomes import status_of
 from fleetctl.text import one_line
 
 if TYPE_CHECKING:
@@ -37,8 +34,10 @@ MAX_STDOUT = 1024 * 1024
 MAX_STDERR = 256 * 1024
 DEFAULT_TIMEOUT_S = 30.0
 
-Status = Literal["ok", "failed", "truncated", "timeout", "connection_lost", "unreachable", "auth_failed",
-                 "host_key_mismatch", "error"]
+# ok / failed: the command ran (exit 0 or not); truncated: it ran and its output passed the limit;
+# anything else: the host's error status (fleetctl.outcomes), the same a heartbeat would give.
+Status = Literal["ok", "failed", "truncated", "host_key_mismatch", "auth_failed", "bastion_unreachable", "timeout",
+                 "connection_lost", "unreachable", "config_error", "tool_missing", "driver_error", "parse_error", "error"]
 COLUMNS = ["agent", "status", "exit_code", "duration_s", "stdout", "stderr", "error"]
 
 
@@ -165,20 +164,6 @@ def _run_one(fleet: Hosts, agent: Agent, line: str, timeout: float, max_stdout: 
     except FleetError as exc:
         if isinstance(exc, ConnectionLost):
             fleet.drop(agent.name)  # the next call reconnects
-        return HostResult(agent.name, _status_of(exc), duration_s=time.monotonic() - started, error=one_line(str(exc)))
+        return HostResult(agent.name, status_of(exc), duration_s=time.monotonic() - started, error=one_line(str(exc)))
     return HostResult(agent.name, "ok" if result.exit_code == 0 else "failed", result.exit_code, result.stdout,
                       result.stderr, result.duration_s)
-
-
-def _status_of(exc: FleetError) -> Status:
-    if isinstance(exc, CommandTimeout):
-        return "timeout"
-    if isinstance(exc, ConnectionLost):
-        return "connection_lost"
-    if isinstance(exc, HostKeyError):
-        return "host_key_mismatch"
-    if isinstance(exc, AuthError):
-        return "auth_failed"
-    if isinstance(exc, TransportError):
-        return "unreachable"
-    return "error"

@@ -15,20 +15,10 @@ from datetime import datetime, timezone
 from typing import Any
 
 from fleetctl.config import Agent
-from fleetctl.errors import (
-    AuthError,
-    CommandTimeout,
-    ConfigError,
-    ConnectTimeout,
-    DriverError,
-    FleetError,
-    HostKeyError,
-    ParseError,
-    ToolMissingError,
-    TransportError,
-)
+from fleetctl.errors import FleetError
 from fleetctl.gpu_tools import DEFAULT_QUERIES
 from fleetctl.jobdirs import SCAN_MARK, SCAN_SCRIPT, parse_scan_line
+from fleetctl.outcomes import status_of
 from fleetctl.parsers import NoGpusError, parse_gpu_output
 from fleetctl.telemetry import GpuSample, HostBasics, Status, TelemetrySnapshot
 from fleetctl.text import one_line
@@ -124,7 +114,7 @@ def snapshot_from_result(agent: Agent, result: CommandResult, latency_ms: float,
     except NoGpusError:
         return snapshot("no_gpus", host=basics)
     except FleetError as exc:
-        return snapshot(_status_of(exc), host=basics, error=one_line(str(exc)))
+        return snapshot(status_of(exc), host=basics, error=one_line(str(exc)))
     gpus = [_valid_sample(gpu) for gpu in gpus]
     return snapshot("ok" if gpus else "no_gpus", gpus=gpus, host=basics)
 
@@ -142,29 +132,9 @@ def _valid_sample(gpu: GpuSample) -> GpuSample:
         "extra": {_valid_unicode(k): _valid_unicode(v) for k, v in gpu.extra.items()}})
 
 
-def _status_of(exc: FleetError) -> Status:
-    if isinstance(exc, ConfigError):  # e.g. a bad ssh_config line: this agent only, named file:line
-        return "config_error"
-    if isinstance(exc, ToolMissingError):
-        return "tool_missing"
-    if isinstance(exc, DriverError):
-        return "driver_error"
-    if isinstance(exc, ParseError):
-        return "parse_error"
-    if isinstance(exc, HostKeyError):
-        return "host_key_mismatch"
-    if isinstance(exc, AuthError):
-        return "auth_failed"
-    if isinstance(exc, TransportError) and exc.is_bastion:
-        return "bastion_unreachable"
-    if isinstance(exc, (ConnectTimeout, CommandTimeout)):
-        return "timeout"
-    return "unreachable"
-
-
 def failed_snapshot(agent: Agent, exc: FleetError, started: float) -> TelemetrySnapshot:
     return TelemetrySnapshot(agent=agent.name, hostname=agent.hostname or "", timestamp=datetime.now(timezone.utc),
-                             status=_status_of(exc), error=one_line(str(exc)),
+                             status=status_of(exc), error=one_line(str(exc)),
                              latency_ms=(time.monotonic() - started) * 1000)
 
 

@@ -10,8 +10,9 @@ from pydantic import BaseModel, Field, field_validator
 from fleetctl.text import one_line
 
 Vendor = Literal["nvidia", "amd"]
-Status = Literal["ok", "no_gpus", "unreachable", "timeout", "auth_failed", "host_key_mismatch",
-                 "bastion_unreachable", "tool_missing", "driver_error", "parse_error", "config_error"]
+# ok / no_gpus, or the host's error status from the one table in fleetctl.outcomes.
+Status = Literal["ok", "no_gpus", "host_key_mismatch", "auth_failed", "bastion_unreachable", "timeout", "connection_lost",
+                 "unreachable", "config_error", "tool_missing", "driver_error", "parse_error", "error"]
 GOOD_STATUSES = ("ok", "no_gpus")
 
 

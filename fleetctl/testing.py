@@ -5,7 +5,10 @@
 
 Each ``run``/``run_kept`` takes the next scripted answer: a CommandResult (its command is set to
 the one asked), an exception to raise (the connection then counts as closed, as a real one would),
-or a callable of the command that returns either. Files written are kept in ``files``.
+or a callable of the command that returns either. Files written are kept in ``files``. It raises
+exactly the types the real connection raises (``tests/integration/test_connection_contract.py``
+runs one contract against both): a missing file is RemoteFileNotFound, a closed connection
+ConnectionLost.
 Anything about SSH behaviour itself is proven against real sshd, not with this.
 """
 
@@ -15,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from fleetctl.errors import RemoteFileNotFound
+from fleetctl.errors import ConnectionLost, RemoteFileNotFound
 from fleetctl.transport import CommandResult, HostKeySeen, Route
 
 Answer = CommandResult | BaseException | Callable[[str], "CommandResult | BaseException"]
@@ -38,6 +41,9 @@ class ScriptedConnection:
 
     def run(self, command: str, *, timeout: float | None = None, max_stdout: int | None = None,
             max_stderr: int | None = None) -> CommandResult:
+        if not self._open:  # as the real connection: a closed one runs nothing
+            raise ConnectionLost(f"connection to {self.route.target.address} lost while starting a command",
+                                 hop=self.route.target.address, hint="the host or network went away; retry")
         self.commands.append(command)
         answer = self.answers.pop(0) if self.answers else self.default
         if answer is None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from fleetctl.config import Agent
 from fleetctl.durations import utc
-from fleetctl.errors import FleetError, JobError, LeaseLost, TransportError
+from fleetctl.errors import FleetError, JobError, LeaseLost, RemoteFileNotFound, TransportError
 from fleetctl.history import AgentStatus, agent_statuses
 from fleetctl.hosts import Hosts
 from fleetctl.jobdirs import RemoteJobDir, dir_prefix, parse_scan_line
@@ -36,6 +36,7 @@ from fleetctl.jobs.remote import (
     wrapper_script,
 )
 from fleetctl.leases import FenceSource
+from fleetctl.outcomes import status_of
 from fleetctl.telemetry import GpuSample
 from fleetctl.text import one_line
 from fleetctl.transport import Connection
@@ -427,7 +428,7 @@ class JobRunner:
             if remote_dir is not None:
                 self._remove(agent.name, remote_dir)  # if this fails too, the orphan scan removes it later
             self.queue.requeue(job.id, expect=("dispatching",), event="requeued", detail=one_line(str(exc)),
-                               reason=f"dispatch to {agent.name} failed: {one_line(str(exc))}")
+                               reason=f"dispatch to {agent.name} failed ({status_of(exc)}): {one_line(str(exc))}")
             return False
         return self._launch(conn, agent, job, remote_dir, claimed_under)
 
@@ -527,7 +528,5 @@ def _final_state(job: JobRecord, result: JobResult) -> tuple[JobState, str]:
 def _optional(conn: Connection, path: str, max_bytes: int | None) -> bytes | None:
     try:
         return conn.read_bytes(path, max_bytes=max_bytes)
-    except TransportError as exc:
-        if "No such file" in str(exc) or "Errno 2" in str(exc):
-            return None
-        raise
+    except RemoteFileNotFound:
+        return None

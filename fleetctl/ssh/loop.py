@@ -13,20 +13,29 @@ The reader must never wait for one host, or every host waits:
 
 - it passes a packet to paramiko only once the whole packet is in, which needs the length in
   clear: AES-GCM (fleetctl's first choice) and the encrypt-then-MAC modes send it so. A connection
-  on another cipher, over a bastion's channel, or still logging in keeps its own thread;
+  on another cipher, or still logging in, keeps its own thread;
 - before it lets paramiko handle a packet (whose handler may answer), it checks that an answer
-  could go out at once: nobody else is mid-send and the socket has room. Otherwise the connection
-  gets a thread of its own back, for good, and the reader goes on with the others.
+  could go out at once: nobody else is mid-send and the socket (or, over a bastion, the channel's
+  window and the bastion's own connection) has room. Otherwise the connection gets a thread of its
+  own back, for good, and the reader goes on with the others.
+
+A connection over a bastion's channel joins the reader only while the bastion's own connection is
+read by it too (:class:`fleetctl.ssh.reader.ChannelWake` says when the channel has bytes).
+
+This is the fast path; :mod:`fleetctl.ssh.fastpath` decides when it runs (tested paramiko
+releases only; ``FLEETCTL_SSH_FAST=0`` for stock paramiko).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import select
 import socket
 import sys
 import threading
+import time
 
 import paramiko
 from paramiko import transport as _paramiko_transport
@@ -53,8 +62,15 @@ MAX_PACKET = 256 * 1024
 # How long the reader waits for another thread's send on a connection before it gives that
 # connection a thread of its own (see _answer_could_block).
 _SENDER_GRACE_S = 0.1
+# Over a bastion's channel, an answer goes out at once while the channel's window holds a whole
+# packet (paramiko's largest, plus framing).
+_CHANNEL_ROOM = 32768 + 1024
+# Times a connection may be taken back from the reader and rejoin it before it keeps its own thread.
+_MAX_HAND_BACKS = 3
+_REJOIN_AFTER_S = 10.0
 
 _STARTED = lean_sync.Event()
+log = logging.getLogger("fleetctl.ssh")
 _STARTED.set()
 
 
@@ -75,8 +91,8 @@ class Transport(paramiko.Transport):  # type: ignore[misc]
 
     def __init__(self, sock: object) -> None:
         super().__init__(sock)
-        # A bastion's channel has no descriptor to wait on: that connection keeps its own thread.
-        self._hand_over_allowed = isinstance(sock, socket.socket)
+        self.over_channel = isinstance(sock, paramiko.Channel)  # a host behind a bastion
+        self._hand_over_allowed = isinstance(sock, socket.socket) or self.over_channel
         self._hand_over_lock = threading.Lock()  # close() against the hand-over
         self._closing = False
         self._inbox = bytearray()
@@ -85,6 +101,8 @@ class Transport(paramiko.Transport):  # type: ignore[misc]
         self.keepalive_s = 0  # ServerAliveInterval: the reader sends these once it reads the connection
         self._reading_thread = 0  # ident of the thread that dispatches this connection's packets
         self._held: list[Message] = []
+        self._hand_backs = 0
+        self._handed_back_at = 0.0
 
     @property
     def handed_over(self) -> bool:
@@ -124,7 +142,10 @@ class Transport(paramiko.Transport):  # type: ignore[misc]
             except Exception as exc:  # noqa: BLE001 - as paramiko: kept for the waiting caller
                 if self.active:
                     self.saved_exception = exc
-            self._finish()
+            try:
+                self._finish()
+            except Exception as exc:  # noqa: BLE001 - the connection is over either way; a thread never prints
+                log.debug("closing %r after its loop ended: %r", self, exc)
         except BaseException:
             if self.sys.modules is not None:  # not interpreter shutdown
                 raise
@@ -217,7 +238,8 @@ class Transport(paramiko.Transport):  # type: ignore[misc]
                 event.set()
             with self.lock:
                 self.server_accept_cv.notify()
-        self.sock.close()
+        with contextlib.suppress(Exception):  # a bastion's channel over a dead bastion: closed is closed
+            self.sock.close()
 
     def close(self) -> None:
         with self._hand_over_lock:
@@ -237,9 +259,20 @@ class Transport(paramiko.Transport):  # type: ignore[misc]
         packetizer = self.packetizer
         return bool(getattr(packetizer, "_Packetizer__aead_in", False) or getattr(packetizer, "_Packetizer__etm_in", False))
 
+    def _via(self) -> Transport | None:
+        """The bastion's connection this one runs over, if it is on the fast path too."""
+        via = self.sock.get_transport() if self.over_channel else None
+        return via if isinstance(via, Transport) else None
+
     def _hand_over(self) -> bool:
         if not (self._hand_over_allowed and self.is_authenticated() and self._clear_length()):
             return False
+        if self._hand_backs and time.monotonic() - self._handed_back_at < _REJOIN_AFTER_S:
+            return False
+        if self.over_channel:
+            via = self._via()
+            if via is None or not via.handed_over:
+                return False
         if self.in_kex or self._expected_packet or getattr(self.packetizer, "_Packetizer__remainder", b"x"):
             return False
         with self._hand_over_lock:
@@ -260,9 +293,14 @@ class Transport(paramiko.Transport):  # type: ignore[misc]
         return True
 
     def _read_on_own_thread(self) -> None:
-        """Take this connection back from the reader, for good: a thread of its own reads on from
-        what the reader had buffered (paramiko's packetizer reads its buffer before the socket)."""
-        self._hand_over_allowed = False
+        """Take this connection back from the reader: a thread of its own reads on from what the
+        reader had buffered (paramiko's packetizer reads its buffer before the socket). It rejoins
+        the reader when it can (a moment's contention on a busy bastion), up to a few times; after
+        that it keeps its thread for good (a host that stopped reading)."""
+        self._hand_backs += 1
+        self._handed_back_at = time.monotonic()
+        if self._hand_backs >= _MAX_HAND_BACKS:
+            self._hand_over_allowed = False
         with self._hand_over_lock:
             reader, self._reader = self._reader, None
             if reader is None:
@@ -280,6 +318,11 @@ class Transport(paramiko.Transport):  # type: ignore[misc]
         if write_lock is None or not write_lock.acquire(True, _SENDER_GRACE_S):
             return True
         write_lock.release()
+        if self.over_channel:
+            via = self._via()
+            if via is None or not via.handed_over or via._answer_could_block():
+                return True
+            return bool(self.sock.closed or self.sock.out_window_size < _CHANNEL_ROOM)
         room = select.poll()  # not select(): a fleet's descriptors run past its 1024 limit
         room.register(self.reader_fd, select.POLLOUT)
         return not room.poll(0)
@@ -299,25 +342,37 @@ class Transport(paramiko.Transport):  # type: ignore[misc]
                                f"whole {block}-byte blocks)")
         return 4 + length + int(self.packetizer.get_mac_size_in())
 
-    def on_readable(self) -> None:
-        """Called by the reader: take what arrived, dispatch every whole packet in it."""
+    def _take(self) -> bytes | None:
+        """What arrived: b"" at the end, None when woken before the bytes landed (look again)."""
+        if self.over_channel:
+            channel = self.sock
+            if channel.recv_ready():  # only this thread empties the buffer: recv returns at once
+                return bytes(channel.recv(_RECV))
+            return b"" if channel.closed or channel.eof_received else None
         try:
-            try:
-                # os.read: paramiko's socket has a timeout, so it is non-blocking underneath, while
-                # socket.recv would wait up to that timeout after a spurious wake-up.
-                data = os.read(self.reader_fd, _RECV)
-            except (BlockingIOError, InterruptedError):
-                return
+            # os.read: paramiko's socket has a timeout, so it is non-blocking underneath, while
+            # socket.recv would wait up to that timeout after a spurious wake-up.
+            return os.read(self.reader_fd, _RECV)
+        except (BlockingIOError, InterruptedError):
+            return None
+
+    def on_readable(self) -> bool:
+        """Called by the reader: take what arrived, dispatch every whole packet in it. True: look
+        again in a moment (a channel woke the reader just before its bytes landed)."""
+        try:
+            data = self._take()
+            if data is None:
+                return self.over_channel
             if not data:
                 raise EOFError
             self._inbox += data
             while self.active and self._reader is not None:
                 size = self._packet_size()
                 if size is None or len(self._inbox) < size:
-                    return
+                    return False
                 if self._answer_could_block():
                     self._read_on_own_thread()
-                    return
+                    return False
                 if self.packetizer.need_rekey() and not self.in_kex:
                     self._send_kex_init()
                 # The packetizer reads what it has buffered before its socket: give it one whole packet.
@@ -333,6 +388,7 @@ class Transport(paramiko.Transport):  # type: ignore[misc]
             if self.active:
                 self.saved_exception = exc
             self._finish()
+        return False
 
     def set_keepalive(self, interval: int) -> None:
         super().set_keepalive(interval)

@@ -80,3 +80,29 @@ def test_a_host_the_bastion_cannot_reach_is_that_hosts_status_only(bastion_fleet
             bastion_fleet.restart_host("lan-03")
         assert beat["lan-03"].status == "unreachable", beat["lan-03"]
         assert {s.status for name, s in beat.items() if name != "lan-03"} == {"ok"}
+
+
+def test_hosts_behind_the_bastion_are_read_by_the_shared_reader(bastion_fleet: Sandbox) -> None:
+    """After login a host behind the bastion costs no thread of its own: its transport, and the
+    bastion's, are read by the one shared reader (fast path)."""
+    import threading
+
+    from fleetctl.ssh import fastpath
+
+    if not fastpath.enabled():
+        pytest.skip("stock paramiko (FLEETCTL_SSH_FAST=0 or an untested release): one thread per connection")
+    with Fleet.from_config(bastion_fleet.inventory_path) as fleet:
+        assert {s.status for s in fleet.heartbeat(record=False)} == {"ok"}
+
+        def transports() -> list[object]:
+            return [fleet.connection(agent)._transport for agent in fleet.agents]  # type: ignore[attr-defined]
+
+        def all_handed_over() -> bool:
+            fleet.heartbeat(record=False)  # packets drive the hand-over: each loop looks before it reads
+            return all(t.handed_over for t in transports())  # type: ignore[attr-defined]
+
+        assert wait_until(all_handed_over, timeout=60)
+        for _ in range(3):  # beats keep working through the reader
+            assert {s.status for s in fleet.heartbeat(record=False)} == {"ok"}
+        own = [t for t in threading.enumerate() if t.name.startswith("Thread-") or "own reader" in t.name]
+        assert len(own) <= 4, [t.name for t in own]
