@@ -19,7 +19,7 @@ from fleetctl.sandbox import netns, sshd
 from fleetctl.ssh.known_hosts import fingerprint
 
 STATE_FILE = "sandbox.json"
-MODES = ("ok", "driver_error", "no_gpus", "no_tool", "mig", "refused", "blackhole",
+MODES = ("ok", "driver_error", "no_gpus", "no_tool", "mig", "refused", "blackhole", "hung",
          # Hostile hosts (see gpusim.py): what a broken or malicious tool can print.
          "hostile_names", "hostile_error", "nul_bytes", "invalid_utf8", "huge_name", "million_rows", "endless")
 ZONES = ("direct", "lan", "deep")
@@ -185,12 +185,13 @@ class Sandbox:
         self.write_host_state(host.name, {"vendor": host.vendor, "model": model, "count": host.gpus,
                                           "memory_total_mib": memory, "mode": host.mode, "busy": host.busy,
                                           "seed": sum(map(ord, host.name))})
-        if host.mode == "no_tool":
-            return
-        wrapper = directory / "bin" / host.tool
-        wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} -S -I {self.directory / "gpusim.py"} '
-                           f'{host.tool} "$@"\n')
-        wrapper.chmod(0o755)
+        # A journalctl that prints the simulated kernel log (gpusim.py: kernel_log), ahead of the real one.
+        tools = ["journalctl"] if host.mode == "no_tool" else [host.tool, "journalctl"]
+        for tool in tools:
+            wrapper = directory / "bin" / tool
+            wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} -S -I {self.directory / "gpusim.py"} '
+                               f'{tool} "$@"\n')
+            wrapper.chmod(0o755)
 
     def write_host_state(self, name: str, state: dict[str, Any]) -> None:
         """Change a simulated host's GPUs (mode, busy GPUs...) while the sandbox runs."""
