@@ -182,10 +182,11 @@ def help_query_gpu(spec: Spec) -> str:
     return "\n".join(lines) + "\n"
 
 
-def hang() -> None:
-    """A tool stuck in the driver: never answers (the caller's timeout ends it)."""
-    while True:
-        time.sleep(3600)
+def hang(spec: Spec) -> None:
+    """A tool stuck in the driver: answers nothing for ``hang_s`` (default 600 s), then gives up, so
+    a caller that walked away leaves no process behind for long."""
+    time.sleep(float(spec.get("hang_s", 600)))
+    sys.exit(1)
 
 
 def nvidia_smi(spec: Spec, args: list[str]) -> int:
@@ -198,7 +199,7 @@ def nvidia_smi(spec: Spec, args: list[str]) -> int:
         sys.stderr.write(HOSTILE_TEXT + "\n")
         return 9
     if mode == "hung":
-        hang()
+        hang(spec)
     if "--help-query-gpu" in args:
         sys.stdout.write(help_query_gpu(spec))
         return 0
@@ -364,7 +365,7 @@ def rocm_smi(spec: Spec, args: list[str]) -> int:
     if mode not in VOLUME_MODES:
         count = len(visible(spec, count))
     if mode == "hung":
-        hang()
+        hang(spec)
     if mode in ("driver_error", "hostile_error"):
         hostile = HOSTILE_TEXT + " " if mode == "hostile_error" else ""
         sys.stdout.write(f"ERROR:root:{hostile}Driver not initialized (amdgpu not found in modules)\n")
