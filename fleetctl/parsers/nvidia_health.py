@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import csv
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from fleetctl.errors import ParseError
@@ -174,9 +174,11 @@ MAX_GPUS = 1024
 MAX_COUNT = 2**53  # a counter past this is no counter
 
 
-def parse_health_csv(stdout: str, max_gpus: int = MAX_GPUS) -> list[HealthReading]:
-    """``--query-gpu=<health fields> --format=csv[,nounits]`` (or ``--query-remapped-rows``) with its
-    header -> one reading per row. Raises :class:`ParseError` (one line) on anything else."""
+def parse_health_csv(stdout: str, max_gpus: int = MAX_GPUS, *, fields: Sequence[str] | None = None) -> list[HealthReading]:
+    """``--query-gpu=<health fields> --format=csv[,nounits]`` (or ``--query-remapped-rows``) -> one
+    reading per row. The header names the columns; without one (``noheader``, as the heartbeat's own
+    query prints), ``fields`` must: the heartbeat's query may then carry the health fields too, and
+    one answer feeds both parsers. Raises :class:`ParseError` (one line) on anything else."""
     lines = [line.rstrip("\r") for line in stdout.splitlines() if line.strip()]
     if not lines:
         return []
@@ -187,7 +189,9 @@ def parse_health_csv(stdout: str, max_gpus: int = MAX_GPUS) -> list[HealthReadin
     except csv.Error as exc:
         raise ParseError(f"nvidia-smi health output is not readable CSV: {exc}", stdout[:2000]) from None
     header = [cell.strip().partition(" [")[0] for cell in rows[0]]
-    if not any(name in _CANONICAL or name in IDENTITY_FIELDS for name in header):
+    if fields is not None and not _is_header(header):
+        header, rows = list(fields), [[], *rows]
+    if not _is_header(header):
         raise ParseError(f"nvidia-smi health output has no header naming health fields: {clip(lines[0])!r}",
                          stdout[:2000], hint="query with --format=csv (not noheader)")
     readings = []
@@ -197,6 +201,19 @@ def parse_health_csv(stdout: str, max_gpus: int = MAX_GPUS) -> list[HealthReadin
                              stdout[:2000])
         readings.append(_reading({_CANONICAL.get(k, k): v.strip() for k, v in zip(header, row, strict=True)}))
     return readings
+
+
+def _is_header(cells: list[str]) -> bool:
+    return any(name in _CANONICAL or name in IDENTITY_FIELDS for name in cells)
+
+
+def fields_after_refusal(asked: Sequence[str], output: str) -> list[str] | None:
+    """``asked`` less the field the driver refused in ``output``; None when ``output`` is no refusal.
+    A host whose ``--help-query-gpu`` could not be read learns its fields this way."""
+    refused = refused_field(output)
+    if refused is None or refused not in asked:
+        return None
+    return [f for f in asked if f != refused]
 
 
 def _reading(values: dict[str, str]) -> HealthReading:

@@ -359,6 +359,65 @@ def rocm_card(spec: Spec, index: int, args: list[str]) -> dict[str, str]:
     return card
 
 
+AMD_FAULTS: dict[str, dict[str, Any]] = {"ecc_dbe": {"uncorrectable": 2}, "ecc_deferred": {"deferred": 1}, "pcie_width": {"width": 4},
+              "bad_pages_pending": {"pending": 1}, "bad_pages_retired": {"retired": 2},
+              "bad_page_threshold": {"threshold_exceeded": True}}
+
+
+def amd_state(spec: Spec, index: int) -> dict[str, Any]:
+    state: dict[str, Any] = {"uncorrectable": 0, "deferred": 0, "width": 16, "pending": 0, "retired": 0,
+                             "threshold_exceeded": False}
+    for fault in faults_of(spec, index):
+        state.update(AMD_FAULTS.get(fault, {}))
+    return state
+
+
+def _pages(count: int, status: str, base: int) -> Any:
+    if not count:
+        return "No bad pages found."
+    return [{"page_address": hex(base + 0x1000 * i), "page_size": 4096, "status": status} for i in range(count)]
+
+
+def amd_smi(spec: Spec, args: list[str]) -> int:
+    """``amd-smi metric|static|bad-pages ... --json`` in ROCm 7's shape (``{"gpu_data": [...]}``)."""
+    mode = spec.get("mode", "ok")
+    if mode == "hung":
+        hang(spec)
+    count = 0 if mode == "no_gpus" else int(spec.get("count", 1))
+    shown = visible(spec, count)
+    command = args[0] if args else ""
+    total_mb = int(spec.get("memory_total_mib", 32752))
+    gpus: list[dict[str, Any]] = []
+    for position, i in enumerate(shown):
+        state, busy = amd_state(spec, i), i in spec.get("busy", [])
+        bdf = f"0000:{0x1b + i * 0x22:02x}:00.0"
+        if command == "bad-pages":
+            gpus.append({"gpu": position, "retired": _pages(state["retired"], "RESERVED", 0x7FC58000),
+                         "pending": _pages(state["pending"], "PENDING", 0x8A140000), "un_res": "No bad pages found."})
+        elif command == "static":
+            gpus.append({"gpu": position, "bus": {"bdf": bdf, "max_pcie_width": 16, "max_pcie_speed": {"value": 16, "unit": "GT/s"},
+                                                  "pcie_interface_version": "Gen 4", "slot_type": "PCIE"},
+                         "ras": {"eeprom_version": "0x10000", "bad_page_threshold": 655,
+                                 "bad_page_threshold_exceeded": str(state["threshold_exceeded"])}})
+        else:
+            gpus.append({"gpu": position,
+                         "usage": {"gfx_activity": {"value": 97 if busy else 0, "unit": "%"}},
+                         "power": {"socket_power": {"value": 250 if busy else 36, "unit": "W"}},
+                         "temperature": {"edge": {"value": 30 + _noise(spec, i, "t", 30), "unit": "C"}},
+                         "mem_usage": {"total_vram": {"value": total_mb, "unit": "MB"},
+                                       "used_vram": {"value": total_mb // 2 if busy else 6, "unit": "MB"}},
+                         "pcie": {"width": state["width"], "speed": {"value": 16, "unit": "GT/s"}, "bandwidth": "N/A",
+                                  "replay_count": 0},
+                         "ecc": {"total_correctable_count": 0, "total_uncorrectable_count": state["uncorrectable"],
+                                 "total_deferred_count": state["deferred"], "cache_correctable_count": 0,
+                                 "cache_uncorrectable_count": 0}})
+    if command == "bad-pages":
+        sys.stdout.write(json.dumps(gpus, indent=4) + "\n")  # amd-smi prints bad pages as a bare list
+    else:
+        sys.stdout.write(json.dumps({"gpu_data": gpus}, indent=4) + "\n")
+    return 0
+
+
 def rocm_smi(spec: Spec, args: list[str]) -> int:
     mode = spec.get("mode", "ok")
     count = 0 if mode == "no_gpus" else int(spec.get("count", 1))
@@ -410,6 +469,8 @@ def main(argv: list[str]) -> int:
             return nvidia_smi(spec, args)
         if tool == "rocm-smi":
             return rocm_smi(spec, args)
+        if tool == "amd-smi":
+            return amd_smi(spec, args)
         if tool == "journalctl":
             return journalctl(spec, args)
     except BrokenPipeError:

@@ -12,6 +12,7 @@ import pytest
 from fleetctl.config import load_config
 from fleetctl.errors import CommandTimeout
 from fleetctl.gpu_health import judge
+from fleetctl.parsers.amd_health import BAD_PAGES_COMMAND, METRIC_COMMAND, STATIC_COMMAND, findings_of_amd, parse_amd_health
 from fleetctl.parsers.nvidia_health import (
     findings_of,
     health_query_command,
@@ -32,7 +33,8 @@ pytestmark = pytest.mark.no_store  # never opens a store
 @pytest.fixture(scope="module")
 def sick(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
     require_sshd()
-    sandbox = Sandbox(tmp_path_factory.mktemp("gpu-health"), [HostSpec("sick", gpus=3)])
+    sandbox = Sandbox(tmp_path_factory.mktemp("gpu-health"),
+                      [HostSpec("sick", gpus=3), HostSpec("sick-amd", vendor="amd", gpus=2, extra_tools=["amd-smi"])])
     sandbox.up()
     yield sandbox
     sandbox.down()
@@ -117,3 +119,21 @@ def test_a_hung_tool_times_out(sick: Sandbox, conn: Connection) -> None:
     with pytest.raises(CommandTimeout):
         conn.run("nvidia-smi --help-query-gpu", timeout=2)
     assert time.monotonic() - started < 15
+
+
+def test_a_broken_amd_gpu_is_found_through_amd_smi(sick: Sandbox) -> None:
+    healthy = sick.host_state("sick-amd")
+    try:
+        with connect(route_for(load_config(sick.inventory_path).get("sick-amd"))) as amd:
+            def readings() -> list[Any]:
+                answers = [amd.run(command, timeout=30) for command in (METRIC_COMMAND, STATIC_COMMAND, BAD_PAGES_COMMAND)]
+                assert all(a.exit_code == 0 for a in answers)
+                return parse_amd_health(*(a.stdout for a in answers))
+
+            assert findings_of_amd(readings()) == []
+            sick.write_host_state("sick-amd", {**healthy, "faults": {"1": ["ecc_dbe", "pcie_width", "bad_pages_pending"]}})
+            verdict = judge(findings_of_amd(readings()), now=time.time(), gpus=range(2))
+            assert {i: v.state for i, v in verdict.gpus.items()} == {0: "ok", 1: "failed"}
+            assert "GPU 1: PCIe link narrower than its max (x4 of x16)" in verdict.gpus[1].reasons
+    finally:
+        sick.write_host_state("sick-amd", healthy)

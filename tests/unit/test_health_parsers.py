@@ -12,6 +12,7 @@ from fleetctl.parsers.amd_health import findings_of_amd, parse_amd_health
 from fleetctl.parsers.findings import Finding, normalize_bus_id
 from fleetctl.parsers.nvidia_health import (
     HEALTH_FIELDS,
+    fields_after_refusal,
     findings_of,
     health_query_command,
     health_query_fields,
@@ -74,9 +75,24 @@ def test_help_that_is_not_help_gives_no_fields(text: str) -> None:
     assert health_query_fields(frozenset()) == ["index", "pci.bus_id", "uuid"]
 
 
-def test_a_refused_field_is_named() -> None:
-    assert refused_field('Field "gpu_recovery_action" is not a valid field to query.\n\n') == "gpu_recovery_action"
+def test_a_refused_field_is_named_and_dropped() -> None:
+    refusal = 'Field "gpu_recovery_action" is not a valid field to query.\n\n'
+    assert refused_field(refusal) == "gpu_recovery_action"
     assert refused_field("all fine") is None
+    asked = ["index", "pci.bus_id", "gpu_recovery_action"]
+    assert fields_after_refusal(asked, refusal) == ["index", "pci.bus_id"]
+    assert fields_after_refusal(asked, "0, 00000000:18:00.0, None") is None
+    assert fields_after_refusal(["index"], refusal) is None  # not ours to drop: no loop
+
+
+def test_noheader_output_reads_with_the_fields_the_command_named() -> None:
+    text = "0, 00000000:18:00.0, 97, 81559, 2, Yes\n1, 00000000:2A:00.0, 0, 81559, 0, No\n"
+    fields = ["index", "pci.bus_id", "utilization.gpu", "memory.total", "ecc.errors.uncorrected.volatile.total",
+              "remapped_rows.pending"]
+    readings = parse_health_csv(text, fields=fields)
+    assert [(r.index, r.ecc_uncorrected_volatile, r.remapped_rows_pending) for r in readings] == [(0, 2, True), (1, 0, False)]
+    with pytest.raises(ParseError):
+        parse_health_csv(text)
 
 
 # --- the CSV ----------------------------------------------------------------------------------------
