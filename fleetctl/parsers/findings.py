@@ -74,5 +74,7 @@ def normalize_bus_id(text: str | None) -> str | None:
 
 def clip(text: str) -> str:
     """Host text fit for one line: control characters dropped, cut to :data:`MAX_DETAIL`."""
+    if len(text) <= MAX_DETAIL and text.isprintable() and "  " not in text and text == text.strip():
+        return text  # the common case, without a pass per character
     cleaned = "".join(ch if ch.isprintable() else " " for ch in text[: MAX_DETAIL * 4])
     return " ".join(cleaned.split())[:MAX_DETAIL]

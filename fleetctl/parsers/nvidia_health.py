@@ -13,6 +13,7 @@ into :class:`HealthReading` per GPU, and :func:`findings_of` turns readings into
 from __future__ import annotations
 
 import csv
+import functools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -25,7 +26,6 @@ HELP_QUERY_COMMAND = "nvidia-smi --help-query-gpu"
 IDENTITY_FIELDS = ("index", "pci.bus_id", "uuid")
 # The health fields, in the order asked. Each is (new name, old name or None).
 HEALTH_FIELDS: tuple[tuple[str, str | None], ...] = (
-    ("utilization.gpu", None),  # a PCIe generation drop counts only under load
     ("ecc.errors.corrected.volatile.total", None),
     ("ecc.errors.uncorrected.volatile.total", None),
     ("ecc.errors.corrected.aggregate.total", None),
@@ -170,6 +170,7 @@ _BOOL_FIELDS = {"retired_pages.pending": "retired_pages_pending", "remapped_rows
 _TRUE = {"yes", "1", "true", "active", "enabled"}
 _FALSE = {"no", "0", "false", "not active", "disabled"}
 _ERROR_VALUES = {"err!", "[err!]", "unknown error", "[unknown error]"}
+_FLAGGED_FIRST = frozenset("[EeUu")  # the first letters of "[GPU requires reset]", "ERR!", "Unknown Error"
 MAX_GPUS = 1024
 MAX_COUNT = 2**53  # a counter past this is no counter
 
@@ -194,12 +195,13 @@ def parse_health_csv(stdout: str, max_gpus: int = MAX_GPUS, *, fields: Sequence[
     if not _is_header(header):
         raise ParseError(f"nvidia-smi health output has no header naming health fields: {clip(lines[0])!r}",
                          stdout[:2000], hint="query with --format=csv (not noheader)")
+    names = [_CANONICAL.get(name, name) for name in header]
     readings = []
     for number_, row in enumerate(rows[1:], start=1):
-        if len(row) != len(header):
-            raise ParseError(f"nvidia-smi health row {number_} has {len(row)} values for {len(header)} fields",
+        if len(row) != len(names):
+            raise ParseError(f"nvidia-smi health row {number_} has {len(row)} values for {len(names)} fields",
                              stdout[:2000])
-        readings.append(_reading({_CANONICAL.get(k, k): v.strip() for k, v in zip(header, row, strict=True)}))
+        readings.append(_reading(dict(zip(names, map(str.strip, row), strict=True))))
     return readings
 
 
@@ -221,22 +223,30 @@ def _reading(values: dict[str, str]) -> HealthReading:
     requires_reset: list[str] = []
     errors: list[str] = []
     for name, raw in values.items():
-        lowered = raw.lower()
-        if lowered == "[gpu requires reset]":
-            requires_reset.append(name)
+        if raw[:1] in _FLAGGED_FIRST:  # cheap test first: a beat reads ~30 values per GPU
+            lowered = raw.lower()
+            if lowered == "[gpu requires reset]":
+                requires_reset.append(name)
+                continue
+            if lowered in _ERROR_VALUES:
+                errors.append(name)
+                continue
+        target = _INT_FIELDS.get(name)
+        if target is not None:
+            if raw.isdigit() and len(raw) < 16:
+                typed[target] = int(raw)
+            else:
+                parsed = number(raw)
+                if parsed is not None and parsed[0].is_integer() and 0 <= parsed[0] < MAX_COUNT:
+                    typed[target] = int(parsed[0])
             continue
-        if lowered in _ERROR_VALUES:
-            errors.append(name)
-            continue
-        if name in _INT_FIELDS:
-            parsed = number(raw)
-            if parsed is not None and parsed[0].is_integer() and 0 <= parsed[0] < MAX_COUNT:
-                typed[_INT_FIELDS[name]] = int(parsed[0])
-        elif name in _BOOL_FIELDS:
+        target = _BOOL_FIELDS.get(name)
+        if target is not None:
+            lowered = raw.lower()
             if lowered in _TRUE:
-                typed[_BOOL_FIELDS[name]] = True
+                typed[target] = True
             elif lowered in _FALSE:
-                typed[_BOOL_FIELDS[name]] = False
+                typed[target] = False
         elif name == "index":
             parsed = number(raw)
             typed["index"] = index_of(parsed[0]) if parsed else None
@@ -248,7 +258,7 @@ def _reading(values: dict[str, str]) -> HealthReading:
             parsed = number(raw)
             typed["utilization_gpu_pct"] = parsed[0] if parsed else None
         elif name == "clocks_event_reasons.active":
-            hex_digits = raw[2:] if raw.lower().startswith("0x") else ""
+            hex_digits = raw[2:] if raw[:2] in ("0x", "0X") else ""
             if hex_digits and len(hex_digits) <= 16 and all(c in "0123456789abcdefABCDEF" for c in hex_digits):
                 typed["clock_events_active"] = int(hex_digits, 16)
         elif name == "gpu_recovery_action" and not is_missing(raw):
@@ -257,8 +267,9 @@ def _reading(values: dict[str, str]) -> HealthReading:
     mask = typed.get("clock_events_active")
     if isinstance(mask, int) and not any(name in values for name in _CLOCK_FIELDS):
         events |= {kind for bit, kind in CLOCK_EVENT_BITS.items() if mask & bit}  # the mask alone
+    raw_values = values if len(values) <= 256 else dict(list(values.items())[:256])
     return HealthReading(clock_events=frozenset(events), requires_reset=tuple(requires_reset), errors=tuple(errors),
-                         raw=dict(list(values.items())[:256]), **typed)  # type: ignore[arg-type]
+                         raw=raw_values, **typed)  # type: ignore[arg-type]
 
 
 def merge_remapped_rows(readings: list[HealthReading], remapped: list[HealthReading]) -> list[HealthReading]:
@@ -282,11 +293,20 @@ RETIRED_PAGES_LIMIT = 60  # NVIDIA: a board with 60+ retired pages qualifies for
 BUSY_PCT = 50.0  # a PCIe generation below max counts only on a busy GPU (idle links slow down to save power)
 
 
-def findings_of(readings: Iterable[HealthReading]) -> list[Finding]:
-    """What is wrong with each GPU, as findings; a healthy GPU gives none."""
+@functools.lru_cache(maxsize=512)
+def parse_health_cached(stdout: str, fields: tuple[str, ...] | None = None) -> tuple[HealthReading, ...]:
+    """:func:`parse_health_csv`, remembered: a healthy host prints the same health text beat after
+    beat (utilization, which changes, is not a health field), so most beats cost one lookup."""
+    return tuple(parse_health_csv(stdout, fields=fields))
+
+
+def findings_of(readings: Iterable[HealthReading], utilization: Mapping[int, float] | None = None) -> list[Finding]:
+    """What is wrong with each GPU, as findings; a healthy GPU gives none. ``utilization`` (GPU index ->
+    percent, from the same beat's telemetry) tells a busy GPU, whose slow PCIe generation counts."""
     found: list[Finding] = []
     for position, r in enumerate(readings):
         gpu = r.index if r.index is not None else position
+        busy = r.utilization_gpu_pct if r.utilization_gpu_pct is not None else (utilization or {}).get(gpu)
 
         def add(kind: str, value: float | None = None, code: str | None = None, detail: str = "",
                 gpu: int = gpu, r: HealthReading = r) -> None:
@@ -312,7 +332,7 @@ def findings_of(readings: Iterable[HealthReading]) -> list[Finding]:
         if r.pcie_width_current and r.pcie_width_max and r.pcie_width_current < r.pcie_width_max:
             add("pcie_width_degraded", float(r.pcie_width_current), detail=f"x{r.pcie_width_current} of x{r.pcie_width_max}")
         if (r.pcie_gen_current and r.pcie_gen_max and r.pcie_gen_current < r.pcie_gen_max
-                and (r.utilization_gpu_pct or 0) >= BUSY_PCT):
+                and (busy or 0) >= BUSY_PCT):
             add("pcie_gen_degraded", float(r.pcie_gen_current), detail=f"gen {r.pcie_gen_current} of {r.pcie_gen_max}")
         if r.recovery_action and r.recovery_action.lower() not in ("none", "n/a", "[n/a]"):
             add("recovery_action", code=r.recovery_action.lower().replace(" ", "_"), detail=r.recovery_action)

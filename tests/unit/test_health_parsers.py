@@ -19,6 +19,7 @@ from fleetctl.parsers.nvidia_health import (
     merge_remapped_rows,
     missing_gpus,
     needs_remapped_rows_query,
+    parse_health_cached,
     parse_health_csv,
     parse_help_query_gpu,
     refused_field,
@@ -140,6 +141,19 @@ def test_faulty_gpus_give_their_findings() -> None:
     assert _kinds(found, 3) == {"recovery_action:drain_p2p"}
     width = next(f for f in found if f.kind == "pcie_width_degraded")
     assert width.detail == "x4 of x16" and width.bus_id == "0000:3a:00"
+
+
+def test_a_slow_pcie_generation_counts_only_on_a_busy_gpu() -> None:
+    text = "index, pci.bus_id, pcie.link.gen.gpucurrent, pcie.link.gen.max\n0, 00000000:18:00.0, 1, 5\n"
+    readings = parse_health_csv(text)
+    assert findings_of(readings) == [] and findings_of(readings, {0: 12.0}) == []
+    assert [f.kind for f in findings_of(readings, {0: 99.0})] == ["pcie_gen_degraded"]
+
+
+def test_the_cached_parse_returns_the_same_readings() -> None:
+    text = _text("nvidia_health_faults.csv")
+    first = parse_health_cached(text)
+    assert parse_health_cached(text) is first and list(first) == parse_health_csv(text)
 
 
 def test_an_old_driver_reads_throttle_spelling_and_retired_pages() -> None:
