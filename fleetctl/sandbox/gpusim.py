@@ -8,6 +8,15 @@ Output follows the real tools' formats byte for byte (see shared/gpu-outputs/rea
 ``device`` column. The host's state comes from ``$FLEETCTL_GPUSIM_SPEC`` (JSON), re-read on each
 call so a test can break a driver mid-run.
 
+Broken GPUs (issue 22): ``faults`` maps a GPU index to what is wrong with it (see
+:data:`FAULTS`): ECC double-bit errors, a pending or failed row remap, hardware slowdown, a PCIe
+link at x4, ``[GPU requires reset]``, a recovery action, ``ERR!``, or a GPU that vanished from
+the tool. ``lacks`` names fields the simulated driver does not know (``old_driver`` drops every
+field newer than R470's), so ``--help-query-gpu`` and refusals follow. Mode ``hung``: the tool
+never answers. ``kernel_log`` lists kernel messages (``{"at": epoch, "gpu": 1, "xid": 79}`` or
+``{"at": epoch, "message": "..."}``) that a ``journalctl`` stub on the host's PATH prints, with
+cursors; ``journal: "denied"`` plays a user outside the ``adm`` and ``systemd-journal`` groups.
+
 Hostile modes play a broken or malicious host: GPU names carrying terminal escapes (ESC/OSC/C1) and
 rich markup, NUL bytes, invalid UTF-8 or 10 MB of text; a tool error full of escapes; a million
 rows; output that never ends. Bytes that are not UTF-8 travel as surrogate escapes in ``str`` and
@@ -39,6 +48,53 @@ NVIDIA_FIELDS: dict[str, tuple[str | None, str]] = {
     "enforced.power.limit": ("W", "power_limit"), "clocks.current.sm": ("MHz", "clock_sm"),
     "clocks.sm": ("MHz", "clock_sm"), "mig.mode.current": (None, "mig"), "compute_mode": (None, "compute_mode"),
     "compute_cap": (None, "compute_cap"), "ecc.errors.uncorrected.volatile.total": (None, "ecc"),
+    # Health fields (issue 22). Old drivers spell clock event reasons clocks_throttle_reasons.*.
+    "ecc.errors.corrected.volatile.total": (None, "ecc_corr"), "ecc.errors.corrected.aggregate.total": (None, "ecc_corr"),
+    "ecc.errors.uncorrected.aggregate.total": (None, "ecc"),
+    "retired_pages.single_bit_ecc.count": (None, "retired_sbe"), "retired_pages.sbe": (None, "retired_sbe"),
+    "retired_pages.double_bit.count": (None, "retired_dbe"), "retired_pages.dbe": (None, "retired_dbe"),
+    "retired_pages.pending": (None, "retired_pending"),
+    "remapped_rows.correctable": (None, "remap_corr"), "remapped_rows.uncorrectable": (None, "remap_uncorr"),
+    "remapped_rows.pending": (None, "remap_pending"), "remapped_rows.failure": (None, "remap_failure"),
+    "clocks_event_reasons.active": (None, "clock_active"), "clocks_throttle_reasons.active": (None, "clock_active"),
+    "clocks_event_reasons.hw_slowdown": (None, "hw_slowdown"), "clocks_throttle_reasons.hw_slowdown": (None, "hw_slowdown"),
+    "clocks_event_reasons.hw_thermal_slowdown": (None, "hw_thermal"),
+    "clocks_throttle_reasons.hw_thermal_slowdown": (None, "hw_thermal"),
+    "clocks_event_reasons.hw_power_brake_slowdown": (None, "hw_brake"),
+    "clocks_throttle_reasons.hw_power_brake_slowdown": (None, "hw_brake"),
+    "clocks_event_reasons.sw_thermal_slowdown": (None, "sw_thermal"),
+    "clocks_throttle_reasons.sw_thermal_slowdown": (None, "sw_thermal"),
+    "pcie.link.gen.current": (None, "pcie_gen"), "pcie.link.gen.gpucurrent": (None, "pcie_gen"),
+    "pcie.link.gen.max": (None, "pcie_gen_max"), "pcie.link.width.current": (None, "pcie_width"),
+    "pcie.link.width.max": (None, "pcie_width_max"), "gpu_recovery_action": (None, "recovery"),
+}
+# The pairs --help-query-gpu prints as '"new" or "old"'.
+NVIDIA_ALIASES = {"name": "gpu_name", "uuid": "gpu_uuid", "pci.bus_id": "gpu_bus_id", "clocks.current.sm": "clocks.sm",
+                  "retired_pages.single_bit_ecc.count": "retired_pages.sbe", "retired_pages.double_bit.count": "retired_pages.dbe",
+                  **{f"clocks_event_reasons.{r}": f"clocks_throttle_reasons.{r}"
+                     for r in ("active", "hw_slowdown", "hw_thermal_slowdown", "hw_power_brake_slowdown", "sw_thermal_slowdown")}}
+# Fields an R470-era driver does not know.
+NEWER_FIELDS = ("clocks_event_reasons.", "remapped_rows.", "gpu_recovery_action", "pcie.link.gen.gpucurrent", "power.draw.instant")
+REMAPPED_ROWS_QUERY = {"gpu_bus_id": "bus_id", "gpu_uuid": "uuid", "remapped_rows.correctable": "remap_corr",
+                       "remapped_rows.uncorrectable": "remap_uncorr", "remapped_rows.pending": "remap_pending",
+                       "remapped_rows.failure": "remap_failure"}
+HEALTHY = {"ecc_corr": "0", "retired_sbe": "0", "retired_dbe": "0", "retired_pending": "No", "remap_corr": "0",
+           "remap_uncorr": "0", "remap_pending": "No", "remap_failure": "No", "clock_active": "0x0000000000000000",
+           "hw_slowdown": "Not Active", "hw_thermal": "Not Active", "hw_brake": "Not Active", "sw_thermal": "Not Active",
+           "pcie_gen": "5", "pcie_gen_max": "5", "pcie_width": "16", "pcie_width_max": "16", "recovery": "None"}
+# Fault -> the values it changes (applied in order; "vanished" drops the GPU from every listing).
+FAULTS: dict[str, dict[str, str]] = {
+    "ecc_dbe": {"ecc": "2"},
+    "remap_pending": {"remap_uncorr": "1", "remap_pending": "Yes"},
+    "remap_failure": {"remap_failure": "Yes"},
+    "retired_pending": {"retired_dbe": "1", "retired_pending": "Yes"},
+    "hw_slowdown": {"hw_slowdown": "Active", "clock_active": "0x0000000000000008"},
+    "pcie_width": {"pcie_width": "4"},
+    "recovery_reset": {"recovery": "Reset"},
+    "requires_reset": {key: "[GPU requires reset]" for key in ("ecc", "ecc_corr", "remap_uncorr", "remap_pending",
+                                                                "remap_failure", "util", "temp", "power")},
+    "value_error": {"temp": "ERR!", "power": "ERR!"},
+    "vanished": {},
 }
 DRIVER_FAILURE = ("NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver. "
                   "Make sure that the latest NVIDIA driver is installed and running.\n\n")
@@ -92,8 +148,45 @@ def nvidia_values(spec: Spec, index: int) -> dict[str, str]:
         "power": f"{(520 if busy else 70) + _noise(spec, index, 'p', 10000) / 100:.2f}",
         "power_limit": f"{spec.get('power_limit_w', 700):.2f}", "clock_sm": "1980",
         "mig": "Enabled" if mig else "Disabled", "compute_mode": "Default",
-        "compute_cap": spec.get("compute_cap", "9.0"), "ecc": "0",
+        "compute_cap": spec.get("compute_cap", "9.0"), "ecc": "0", **HEALTHY,
+        **{k: v for fault in faults_of(spec, index) for k, v in FAULTS.get(fault, {}).items()},
     }
+
+
+def faults_of(spec: Spec, index: int) -> list[str]:
+    faults = spec.get("faults", {})
+    return list(faults.get(str(index), [])) if isinstance(faults, dict) else []
+
+
+def visible(spec: Spec, count: int) -> list[int]:
+    """The GPUs the tool lists: every one but those that vanished."""
+    return [i for i in range(count) if "vanished" not in faults_of(spec, i)]
+
+
+def known_fields(spec: Spec) -> set[str]:
+    lacks = set(spec.get("lacks", []))
+    old = bool(spec.get("old_driver"))
+    return {f for f in NVIDIA_FIELDS if f not in lacks and not (old and f.startswith(NEWER_FIELDS))}
+
+
+def help_query_gpu(spec: Spec) -> str:
+    known = known_fields(spec)
+    lines = ['List of valid properties to query for the switch "--query-gpu":', ""]
+    aliases = set(NVIDIA_ALIASES.values())
+    for name in NVIDIA_FIELDS:
+        if name in aliases:
+            continue  # printed beside its new spelling
+        names = [n for n in (name, NVIDIA_ALIASES.get(name)) if n and n in known]
+        if names:
+            lines += [" or ".join(f'"{n}"' for n in names), f"The {name} of the GPU (fleetctl sandbox).", ""]
+    return "\n".join(lines) + "\n"
+
+
+def hang(spec: Spec) -> None:
+    """A tool stuck in the driver: answers nothing for ``hang_s`` (default 600 s), then gives up, so
+    a caller that walked away leaves no process behind for long."""
+    time.sleep(float(spec.get("hang_s", 600)))
+    sys.exit(1)
 
 
 def nvidia_smi(spec: Spec, args: list[str]) -> int:
@@ -105,16 +198,25 @@ def nvidia_smi(spec: Spec, args: list[str]) -> int:
         sys.stdout.write(HOSTILE_TEXT + " " + DRIVER_FAILURE)
         sys.stderr.write(HOSTILE_TEXT + "\n")
         return 9
+    if mode == "hung":
+        hang(spec)
+    if "--help-query-gpu" in args:
+        sys.stdout.write(help_query_gpu(spec))
+        return 0
     count = int(spec.get("count", 1)) if mode != "no_gpus" else 0
+    shown = visible(spec, count)
+    remapped = next((a.split("=", 1)[1] for a in args if a.startswith("--query-remapped-rows=")), None)
+    if remapped is not None:
+        return remapped_rows(spec, shown, remapped, args)
     query = next((a.split("=", 1)[1] for a in args if a.startswith("--query-gpu=")), None)
     fmt = next((a.split("=", 1)[1] for a in args if a.startswith("--format=")), "")
     if "-L" in args or "--list-gpus" in args:
         if not count:
             sys.stdout.write("No devices were found\n")
             return 6
-        for i in range(count):
+        for position, i in enumerate(shown):
             v = nvidia_values(spec, i)
-            sys.stdout.write(f"GPU {i}: {v['name']} (UUID: {v['uuid']})\n")
+            sys.stdout.write(f"GPU {position}: {v['name']} (UUID: {v['uuid']})\n")
         return 0
     if query is None:
         sys.stdout.write("NVIDIA-SMI (fleetctl sandbox): use --query-gpu=... --format=csv\n")
@@ -123,8 +225,9 @@ def nvidia_smi(spec: Spec, args: list[str]) -> int:
         sys.stdout.write("No devices were found\n")
         return 6
     fields = [f.strip() for f in query.split(",")]
+    known = known_fields(spec)
     for field in fields:
-        if field not in NVIDIA_FIELDS:
+        if field not in known:
             sys.stdout.write(f'Field "{field}" is not a valid field to query.\n\n')
             return 2
     options = fmt.split(",")
@@ -136,6 +239,8 @@ def nvidia_smi(spec: Spec, args: list[str]) -> int:
         lines.append(", ".join(f + (f" [{NVIDIA_FIELDS[f][0]}]" if NVIDIA_FIELDS[f][0] else "") for f in fields))
     def row(index: int) -> str:
         values, cells = nvidia_values(spec, index), []
+        if index in shown:  # the tool numbers the GPUs it sees from 0
+            values["index"] = str(shown.index(index))
         for field in fields:
             unit, key = NVIDIA_FIELDS[field]
             value = values[key]
@@ -145,8 +250,64 @@ def nvidia_smi(spec: Spec, args: list[str]) -> int:
         sys.stdout.write("".join(line + "\n" for line in lines))
         _flood(lambda i: row(i) + "\n", VOLUME_MODES[mode])
         return 0
-    lines.extend(row(i) for i in range(count))
+    lines.extend(row(i) for i in shown)
     sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def remapped_rows(spec: Spec, shown: list[int], query: str, args: list[str]) -> int:
+    fields = [f.strip() for f in query.split(",")]
+    for field in fields:
+        if field not in REMAPPED_ROWS_QUERY:
+            sys.stdout.write(f'Field "{field}" is not a valid field to query.\n\n')
+            return 2
+    fmt = next((a.split("=", 1)[1] for a in args if a.startswith("--format=")), "")
+    lines = [] if "noheader" in fmt else [", ".join(fields)]
+    for i in shown:
+        values = nvidia_values(spec, i)
+        lines.append(", ".join(values[REMAPPED_ROWS_QUERY[f]] for f in fields))
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+JOURNAL_DENIED = ("Hint: You are currently not seeing messages from other users and the system.\n"
+                  "      Users in groups 'adm', 'systemd-journal' can see all messages.\n"
+                  "      Pass -q to turn off this notice.\n")
+
+
+def kernel_message(spec: Spec, entry: dict[str, Any]) -> str:
+    if "message" in entry:
+        return str(entry["message"])
+    index = int(entry.get("gpu", 0))
+    bus = 0x18 + index * 0x10
+    text = {79: "GPU has fallen off the bus.", 48: "An uncorrectable double bit error (DBE) has been detected on GPU",
+            13: "Graphics Exception: ESR 0x404490=0x80000001", 31: "Ch 00000008, intr 10000000. MMU Fault"}
+    return (f"NVRM: Xid (PCI:0000:{bus:02x}:00): {entry.get('xid', 13)}, pid=4242, name=python3, "
+            f"{text.get(int(entry.get('xid', 13)), 'sandbox Xid')}")
+
+
+def journalctl(spec: Spec, args: list[str]) -> int:
+    """``journalctl -k -o short-iso [--show-cursor] [-n N] [--after-cursor=C]`` over ``kernel_log``."""
+    if spec.get("journal") == "denied":
+        sys.stdout.write(JOURNAL_DENIED + "-- No entries --\n")
+        return 0
+    entries = [e for e in spec.get("kernel_log", []) if isinstance(e, dict)]
+    after = next((a.split("=", 1)[1] for a in args if a.startswith("--after-cursor=")), None)
+    start = int(after.rsplit("=", 1)[-1]) + 1 if after and after.rsplit("=", 1)[-1].isdigit() else 0
+    limit = next((int(args[i + 1]) for i, a in enumerate(args) if a == "-n" and i + 1 < len(args) and args[i + 1].isdigit()),
+                 None)
+    chosen = list(range(start, len(entries)))
+    if limit is not None:
+        chosen = chosen[-limit:] if limit else []
+    host = os.environ.get("FLEETCTL_SANDBOX_HOST", "sandbox")
+    if not chosen:
+        sys.stdout.write("-- No entries --\n")
+        return 0
+    for i in chosen:
+        at = time.strftime("%Y-%m-%dT%H:%M:%S+0000", time.gmtime(float(entries[i].get("at", time.time()))))
+        sys.stdout.write(f"{at} {host} kernel: {kernel_message(spec, entries[i])}\n")
+    if "--show-cursor" in args:
+        sys.stdout.write(f"-- cursor: s=fleetctl-sandbox;i={chosen[-1]}\n")
     return 0
 
 
@@ -198,9 +359,72 @@ def rocm_card(spec: Spec, index: int, args: list[str]) -> dict[str, str]:
     return card
 
 
+AMD_FAULTS: dict[str, dict[str, Any]] = {"ecc_dbe": {"uncorrectable": 2}, "ecc_deferred": {"deferred": 1}, "pcie_width": {"width": 4},
+              "bad_pages_pending": {"pending": 1}, "bad_pages_retired": {"retired": 2},
+              "bad_page_threshold": {"threshold_exceeded": True}}
+
+
+def amd_state(spec: Spec, index: int) -> dict[str, Any]:
+    state: dict[str, Any] = {"uncorrectable": 0, "deferred": 0, "width": 16, "pending": 0, "retired": 0,
+                             "threshold_exceeded": False}
+    for fault in faults_of(spec, index):
+        state.update(AMD_FAULTS.get(fault, {}))
+    return state
+
+
+def _pages(count: int, status: str, base: int) -> Any:
+    if not count:
+        return "No bad pages found."
+    return [{"page_address": hex(base + 0x1000 * i), "page_size": 4096, "status": status} for i in range(count)]
+
+
+def amd_smi(spec: Spec, args: list[str]) -> int:
+    """``amd-smi metric|static|bad-pages ... --json`` in ROCm 7's shape (``{"gpu_data": [...]}``)."""
+    mode = spec.get("mode", "ok")
+    if mode == "hung":
+        hang(spec)
+    count = 0 if mode == "no_gpus" else int(spec.get("count", 1))
+    shown = visible(spec, count)
+    command = args[0] if args else ""
+    total_mb = int(spec.get("memory_total_mib", 32752))
+    gpus: list[dict[str, Any]] = []
+    for position, i in enumerate(shown):
+        state, busy = amd_state(spec, i), i in spec.get("busy", [])
+        bdf = f"0000:{0x1b + i * 0x22:02x}:00.0"
+        if command == "bad-pages":
+            gpus.append({"gpu": position, "retired": _pages(state["retired"], "RESERVED", 0x7FC58000),
+                         "pending": _pages(state["pending"], "PENDING", 0x8A140000), "un_res": "No bad pages found."})
+        elif command == "static":
+            gpus.append({"gpu": position, "bus": {"bdf": bdf, "max_pcie_width": 16, "max_pcie_speed": {"value": 16, "unit": "GT/s"},
+                                                  "pcie_interface_version": "Gen 4", "slot_type": "PCIE"},
+                         "ras": {"eeprom_version": "0x10000", "bad_page_threshold": 655,
+                                 "bad_page_threshold_exceeded": str(state["threshold_exceeded"])}})
+        else:
+            gpus.append({"gpu": position,
+                         "usage": {"gfx_activity": {"value": 97 if busy else 0, "unit": "%"}},
+                         "power": {"socket_power": {"value": 250 if busy else 36, "unit": "W"}},
+                         "temperature": {"edge": {"value": 30 + _noise(spec, i, "t", 30), "unit": "C"}},
+                         "mem_usage": {"total_vram": {"value": total_mb, "unit": "MB"},
+                                       "used_vram": {"value": total_mb // 2 if busy else 6, "unit": "MB"}},
+                         "pcie": {"width": state["width"], "speed": {"value": 16, "unit": "GT/s"}, "bandwidth": "N/A",
+                                  "replay_count": 0},
+                         "ecc": {"total_correctable_count": 0, "total_uncorrectable_count": state["uncorrectable"],
+                                 "total_deferred_count": state["deferred"], "cache_correctable_count": 0,
+                                 "cache_uncorrectable_count": 0}})
+    if command == "bad-pages":
+        sys.stdout.write(json.dumps(gpus, indent=4) + "\n")  # amd-smi prints bad pages as a bare list
+    else:
+        sys.stdout.write(json.dumps({"gpu_data": gpus}, indent=4) + "\n")
+    return 0
+
+
 def rocm_smi(spec: Spec, args: list[str]) -> int:
     mode = spec.get("mode", "ok")
     count = 0 if mode == "no_gpus" else int(spec.get("count", 1))
+    if mode not in VOLUME_MODES:
+        count = len(visible(spec, count))
+    if mode == "hung":
+        hang(spec)
     if mode in ("driver_error", "hostile_error"):
         hostile = HOSTILE_TEXT + " " if mode == "hostile_error" else ""
         sys.stdout.write(f"ERROR:root:{hostile}Driver not initialized (amdgpu not found in modules)\n")
@@ -245,6 +469,10 @@ def main(argv: list[str]) -> int:
             return nvidia_smi(spec, args)
         if tool == "rocm-smi":
             return rocm_smi(spec, args)
+        if tool == "amd-smi":
+            return amd_smi(spec, args)
+        if tool == "journalctl":
+            return journalctl(spec, args)
     except BrokenPipeError:
         # The reader stopped (an output limit): exit quietly, as a real tool dies of SIGPIPE.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

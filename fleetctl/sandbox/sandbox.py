@@ -19,10 +19,11 @@ from fleetctl.sandbox import netns, sshd
 from fleetctl.ssh.known_hosts import fingerprint
 
 STATE_FILE = "sandbox.json"
-MODES = ("ok", "driver_error", "no_gpus", "no_tool", "mig", "refused", "blackhole",
+MODES = ("ok", "driver_error", "no_gpus", "no_tool", "mig", "refused", "blackhole", "hung",
          # Hostile hosts (see gpusim.py): what a broken or malicious tool can print.
          "hostile_names", "hostile_error", "nul_bytes", "invalid_utf8", "huge_name", "million_rows", "endless")
 ZONES = ("direct", "lan", "deep")
+EXTRA_TOOLS = ("nvidia-smi", "rocm-smi", "amd-smi")
 MODELS = {"nvidia": ("NVIDIA H100 80GB HBM3", 81559), "amd": ("Arcturus GL-XL [Instinct MI100]", 32752)}
 
 
@@ -35,6 +36,7 @@ class HostSpec:
     mode: str = "ok"
     labels: dict[str, str] = field(default_factory=dict)
     busy: list[int] = field(default_factory=list)  # GPUs a foreign process is using
+    extra_tools: list[str] = field(default_factory=list)  # more simulated tools on PATH, e.g. ["amd-smi"]
 
     def __post_init__(self) -> None:
         # A mistyped mode or zone would otherwise quietly give a healthy host in the wrong place.
@@ -43,6 +45,10 @@ class HostSpec:
             if value not in allowed:
                 raise SandboxError(f"sandbox host {self.name!r}: unknown {what} {value!r}",
                                    hint=f"use one of {', '.join(allowed)}")
+        for tool in self.extra_tools:
+            if tool not in EXTRA_TOOLS:
+                raise SandboxError(f"sandbox host {self.name!r}: gpusim does not simulate {tool!r}",
+                                   hint=f"use one of {', '.join(EXTRA_TOOLS)}")
 
     @property
     def tool(self) -> str:
@@ -185,12 +191,13 @@ class Sandbox:
         self.write_host_state(host.name, {"vendor": host.vendor, "model": model, "count": host.gpus,
                                           "memory_total_mib": memory, "mode": host.mode, "busy": host.busy,
                                           "seed": sum(map(ord, host.name))})
-        if host.mode == "no_tool":
-            return
-        wrapper = directory / "bin" / host.tool
-        wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} -S -I {self.directory / "gpusim.py"} '
-                           f'{host.tool} "$@"\n')
-        wrapper.chmod(0o755)
+        # A journalctl that prints the simulated kernel log (gpusim.py: kernel_log), ahead of the real one.
+        tools = ["journalctl"] if host.mode == "no_tool" else [host.tool, *host.extra_tools, "journalctl"]
+        for tool in tools:
+            wrapper = directory / "bin" / tool
+            wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} -S -I {self.directory / "gpusim.py"} '
+                               f'{tool} "$@"\n')
+            wrapper.chmod(0o755)
 
     def write_host_state(self, name: str, state: dict[str, Any]) -> None:
         """Change a simulated host's GPUs (mode, busy GPUs...) while the sandbox runs."""
