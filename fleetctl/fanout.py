@@ -25,6 +25,7 @@ from fleetctl.errors import (
     TransportError,
 )
 from fleetctl.labels import labels_match
+from fleetctl.settings import default_of
 from fleetctl.text import one_line
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 # Per host. Smaller than a heartbeat's bound: a fan-out holds every host's output at once.
 MAX_STDOUT = 1024 * 1024
 MAX_STDERR = 256 * 1024
-DEFAULT_TIMEOUT_S = 30.0
+DEFAULT_TIMEOUT_S: float = default_of(Agent, "command_timeout_s")
 
 Status = Literal["ok", "failed", "truncated", "timeout", "connection_lost", "unreachable", "auth_failed",
                  "host_key_mismatch", "error"]
