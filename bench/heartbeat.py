@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchfleet import BenchFleet, cpu_seconds, peak_rss_mib, rss_mib, ssh_baseline  # noqa: E402
 
+from fleetctl.fleet import DEFAULT_MAX_PARALLEL_SSH  # noqa: E402
 from fleetctl.heartbeat import heartbeat_command  # noqa: E402
 from fleetctl.telemetry import TelemetrySnapshot  # noqa: E402
 
@@ -182,7 +183,7 @@ def main() -> None:
     parser.add_argument("--hosts", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--rounds", type=int, default=3, help="steady-state rounds measured per client and size")
     parser.add_argument("--idle", type=float, default=5.0, help="seconds of idle CPU measured with connections open")
-    parser.add_argument("--max-parallel-ssh", type=int, default=32,
+    parser.add_argument("--max-parallel-ssh", type=int, default=DEFAULT_MAX_PARALLEL_SSH,
                         help="heartbeats in flight at once, for fleetctl's pool and the peers alike")
     parser.add_argument("--clients", nargs="+", choices=CLIENTS, default=list(CLIENTS))
     parser.add_argument("--ssh-baseline", action="store_true", help="also measure one `ssh` process per heartbeat")

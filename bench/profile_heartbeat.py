@@ -46,7 +46,7 @@ import paramiko  # noqa: E402
 from benchfleet import BenchFleet, cpu_seconds, rss_mib  # noqa: E402
 from paramiko.common import MSG_NAMES  # noqa: E402
 
-from fleetctl.fleet import Fleet  # noqa: E402
+from fleetctl.fleet import DEFAULT_MAX_PARALLEL_SSH, Fleet  # noqa: E402
 from fleetctl.heartbeat import heartbeat_command, snapshot_from_result  # noqa: E402
 from fleetctl.history import record as record_history  # noqa: E402
 from fleetctl.parsers import parse_gpu_output  # noqa: E402
@@ -288,7 +288,7 @@ def main() -> None:
     parser.add_argument("--mode", choices=["kept", "exec"], default="kept")
     parser.add_argument("--ab", nargs="*", choices=["kept", "exec"],
                         help="compare request paths in one process, rounds interleaved")
-    parser.add_argument("--max-parallel-ssh", type=int, default=32)
+    parser.add_argument("--max-parallel-ssh", type=int, default=DEFAULT_MAX_PARALLEL_SSH)
     parser.add_argument("--native", action="store_true", help="py-spy --native: C frames too (crypto, sqlite, syscalls)")
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     parser.add_argument("--profiler", choices=["yappi", "py-spy", "none"], default="yappi",

@@ -24,6 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fleetctl.addresses import format_address
 from fleetctl.errors import ConfigError, UnknownAgentError
 from fleetctl.paths import config_path
+from fleetctl.settings import ControllerSettings as ControllerSettings  # its home before fleetctl.settings: still importable here
+from fleetctl.settings import LayeredSettings, layered
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -37,6 +39,8 @@ _KNOWN_TOP_LEVEL = {"agents", "controller"}
 NO_INVENTORY_HINT = "add a host with `fleetctl register-ssh --host USER@HOST --key KEY`, or pass --config"
 # tomli-w never writes multi-line strings here, so a "[" in column 0 always starts a table header.
 _SUBTABLE_HEADER = re.compile(r"^\[(?!\[)", re.MULTILINE)
+_TABLE_HEADER = re.compile(r"^\s*\[\[?([^\]]+)\]")
+_BARE_KEY = re.compile(r"^\s*([A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*')\s*=")
 
 
 def _check_fingerprint(value: Optional[str]) -> Optional[str]:
@@ -119,41 +123,17 @@ class Agent(BaseModel):
         return self.model_dump(exclude_unset=True, exclude_none=True)
 
 
-class ControllerSettings(BaseModel):
-    """The optional ``[controller]`` table: fleet-wide defaults for serve, history and health."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    heartbeat_interval_s: float = Field(default=5.0, gt=0, le=86400)
-    max_parallel_ssh: int = Field(default=32, ge=1, le=1024)
-    retention_days: float = Field(default=7.0, gt=0)
-    offline_after_misses: int = Field(default=3, ge=1)
-    offline_grace_s: float = Field(default=600.0, gt=0)
-    scheduler_tick_s: float = Field(default=1.0, gt=0, le=60)
-    kill_grace_s: int = Field(default=10, ge=0, le=3600)  # SIGTERM -> SIGKILL on cancel and timeout
-    ssh_config: bool = True  # resolve agents through ssh_config as `ssh` does (false: inventory fields only)
-    ssh_config_file: Optional[str] = None  # like `ssh -F`; unset: ~/.ssh/config and /etc/ssh/ssh_config
-    # A job whose host went offline stays provisionally ``lost`` this long: its result may still come back.
-    lost_grace_s: float = Field(default=3600.0, ge=0)
-    # A job directory that belongs to no current attempt is removed once seen this long (a live one never is).
-    orphan_age_s: float = Field(default=600.0, ge=0)
-    # A postgresql:// URL for a store shared by several processes or machines; unset: the SQLite file in
-    # the state dir. $FLEETCTL_STORE and --store outrank it (fleetctl.paths.store_url).
-    store: Optional[str] = None
-    # Several serves on one store: an agent's lease lasts this long unrenewed; a dead or paused
-    # controller's agents move to the others within lease_s plus lease_s / 3 (fleetctl.leases).
-    lease_s: float = Field(default=15.0, ge=1.0, le=3600)
-
-
 class Inventory:
     """The agents of one ``ssh-agents.toml`` plus whatever else the file holds."""
 
     def __init__(self, path: Path, agents: list[Agent], document: dict[str, Any],
-                 controller: ControllerSettings | None = None, *, missing: bool = False) -> None:
+                 controller: ControllerSettings | None = None, *, missing: bool = False,
+                 controller_lines: dict[str, int] | None = None) -> None:
         self.path = path
         self.missing = missing  # no file there: store-only work (history, jobs) goes on; agents are asked for in vain
         self.agents = agents
-        self.controller = controller or ControllerSettings()
+        self.controller = controller or ControllerSettings()  # defaults < this file only; see layered()
+        self.controller_lines = controller_lines or {}  # [controller] key -> its line in the file
         self._document = document
         self._raw = {a.name: raw for a, raw in zip(agents, document.get("agents", []), strict=False)}
 
@@ -165,6 +145,12 @@ class Inventory:
 
     def names(self) -> list[str]:
         return [a.name for a in self.agents]
+
+    def layered(self, *, environ: dict[str, str] | None = None, **flags: Any) -> LayeredSettings:
+        """The effective controller settings: defaults < this file's ``[controller]`` < environment <
+        ``flags`` (None: not given), each with its source (:mod:`fleetctl.settings`)."""
+        file = self.controller.model_dump(include=self.controller.model_fields_set)
+        return layered(file, origin=str(self.path), lines=self.controller_lines, environ=environ, flags=flags)
 
     def require(self) -> None:
         """The one-line error for work that needs agents when there is no inventory file."""
@@ -327,7 +313,22 @@ def parse_inventory(text: str, path: Path) -> Inventory:
                 hint="set hostname, or ssh_config_host to use an alias from ~/.ssh/config",
             )
     _check_unique(agents, path)
-    return Inventory(path, agents, document, _controller_settings(document.get("controller", {}), path))
+    return Inventory(path, agents, document, _controller_settings(document.get("controller", {}), path),
+                     controller_lines=_table_lines(text, "controller"))
+
+
+def _table_lines(text: str, table: str) -> dict[str, int]:
+    """The line (from 1) of each ``key =`` inside ``[table]``, for sources such as ``ssh-agents.toml:12``.
+    Keys written another way (inline or dotted) are missing; their source is then the file alone."""
+    lines: dict[str, int] = {}
+    inside = False
+    for number, line in enumerate(text.splitlines(), start=1):
+        header = _TABLE_HEADER.match(line)
+        if header:
+            inside = header.group(1).strip() == table
+        elif inside and (key := _BARE_KEY.match(line)):
+            lines.setdefault(key.group(1).strip("\"'"), number)
+    return lines
 
 
 def _controller_settings(raw: Any, path: Path) -> ControllerSettings:

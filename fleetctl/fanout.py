@@ -22,6 +22,7 @@ from fleetctl.errors import (
 )
 from fleetctl.labels import labels_match
 from fleetctl.outcomes import status_of
+from fleetctl.settings import default_of
 from fleetctl.text import one_line
 
 if TYPE_CHECKING:
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 # Per host. Smaller than a heartbeat's bound: a fan-out holds every host's output at once.
 MAX_STDOUT = 1024 * 1024
 MAX_STDERR = 256 * 1024
-DEFAULT_TIMEOUT_S = 30.0
+DEFAULT_TIMEOUT_S: float = default_of(Agent, "command_timeout_s")
 
 # ok / failed: the command ran (exit 0 or not); truncated: it ran and its output passed the limit;
 # anything else: the host's error status (fleetctl.outcomes), the same a heartbeat would give.

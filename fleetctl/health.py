@@ -6,13 +6,15 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from fleetctl.settings import ControllerSettings, default_of
+
 HealthState = Literal["unknown", "online", "offline"]
 
 
 @dataclass(frozen=True)
 class HealthPolicy:
-    offline_after_misses: int = 3
-    offline_grace_s: float = 600.0
+    offline_after_misses: int = default_of(ControllerSettings, "offline_after_misses")
+    offline_grace_s: float = default_of(ControllerSettings, "offline_grace_s")
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,8 @@ from fleetctl.history import Transition, agent_statuses, history, prune, set_dra
 from fleetctl.history import record as record_history
 from fleetctl.leases import Fence
 from fleetctl.paths import state_dir as resolve_state_dir
-from fleetctl.paths import store_url
 from fleetctl.routes import HopView, describe_route, resolver_for, route_for
+from fleetctl.settings import ControllerSettings, default_of
 from fleetctl.ssh import ConnectOptions, Connector, HostKeyPolicy
 from fleetctl.ssh.known_hosts import KnownHosts
 from fleetctl.ssh.resolve import SshConfigResolver
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
     import pandas as pd
 
-DEFAULT_MAX_PARALLEL_SSH = 32
+DEFAULT_MAX_PARALLEL_SSH: int = default_of(ControllerSettings, "max_parallel_ssh")
 PRUNE_EVERY_S = 3600.0
 
 
@@ -92,11 +92,12 @@ class Hosts:
                  max_parallel_ssh: int | None = None, connector: Connector | None = None,
                  accept_any_host_key: bool = False, store: str | None = None) -> None:
         self.inventory = inventory
-        # --store / $FLEETCTL_STORE / [controller] store; None is the SQLite file in the state dir.
-        self.store_url = store_url(store, inventory.controller.store)
-        self.settings = inventory.controller
+        # defaults < [controller] < $FLEETCTL_* < these arguments (fleetctl.settings), each value with its source.
+        self.layered = inventory.layered(store=store, max_parallel_ssh=max_parallel_ssh or None)
+        self.settings = self.layered.settings
+        self.store_url = self.settings.store or None  # None is the SQLite file in the state dir
         self.state_dir = Path(resolve_state_dir(state_dir))
-        self.max_parallel_ssh = max(1, max_parallel_ssh or self.settings.max_parallel_ssh)
+        self.max_parallel_ssh = self.settings.max_parallel_ssh
         self.health_policy = HealthPolicy(self.settings.offline_after_misses, self.settings.offline_grace_s)
         self._store: Store | None = None
         self._pruned_at = -PRUNE_EVERY_S

@@ -31,9 +31,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from fleetctl.settings import ControllerSettings, default_of
 from fleetctl.store import Connection, Store
 
-DEFAULT_LEASE_S = 15.0
+DEFAULT_LEASE_S: float = default_of(ControllerSettings, "lease_s")
 # The local deadline ends this share of the lease early: slack for a renewal's own duration.
 LOCAL_MARGIN = 0.2
 FORGET_AFTER_S = 86400.0  # rows of controllers gone this long are deleted at the next join

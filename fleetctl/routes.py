@@ -8,21 +8,20 @@ OpenSSH resolves it (:mod:`fleetctl.ssh.resolve`), ProxyJump hops included.
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 
-from fleetctl.config import Agent, Bastion, ControllerSettings
+from fleetctl.config import Agent, Bastion
+from fleetctl.settings import ControllerSettings, default_of, layered
 from fleetctl.ssh.resolve import Resolved, SshConfigResolver, SshOptions
 from fleetctl.transport import Hop, Route
 
-SSH_CONFIG_ENV = "FLEETCTL_SSH_CONFIG"
-DEFAULT_CONNECT_TIMEOUT_S = 10.0
+DEFAULT_CONNECT_TIMEOUT_S: float = default_of(Agent, "connect_timeout_s")
 
 
 def resolver_for(settings: ControllerSettings, *, enabled: bool | None = None) -> SshConfigResolver:
-    """ssh_config file: ``[controller] ssh_config_file`` < ``$FLEETCTL_SSH_CONFIG``; unset means
-    what plain ``ssh`` reads (~/.ssh/config and /etc/ssh/ssh_config)."""
-    config_file = os.environ.get(SSH_CONFIG_ENV) or settings.ssh_config_file
+    """ssh_config file: ``[controller] ssh_config_file`` < ``$FLEETCTL_SSH_CONFIG`` (the layers of
+    :mod:`fleetctl.settings`); unset means what plain ``ssh`` reads (~/.ssh/config and /etc/ssh/ssh_config)."""
+    config_file = layered({"ssh_config_file": settings.ssh_config_file}).settings.ssh_config_file
     return SshConfigResolver(config_file, enabled=settings.ssh_config if enabled is None else enabled)
 
 
@@ -70,7 +69,7 @@ def resolved_chain(agent: Agent, resolver: SshConfigResolver) -> list[tuple[Reso
 
 
 def route_for(agent: Agent, resolver: SshConfigResolver | None = None) -> Route:
-    resolver = resolver or SshConfigResolver(os.environ.get(SSH_CONFIG_ENV) or None)
+    resolver = resolver or resolver_for(ControllerSettings())
     chain = resolved_chain(agent, resolver)
     hops = tuple(_hop(resolved, pin) for resolved, pin in chain)
     target = chain[-1][0]

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Protocol
 
 from fleetctl.addresses import format_address
+from fleetctl.config import Agent
 from fleetctl.errors import CommandFailed
 
 # Every read from a host is bounded: a tool that prints forever must not take the controller's memory.
@@ -62,7 +63,7 @@ class Route:
     """The hops to cross, nearest the controller first; the last one is the target."""
 
     hops: tuple[Hop, ...]
-    connect_timeout: float = 10.0
+    connect_timeout: float = Agent.model_fields["connect_timeout_s"].default  # written once, in the inventory's model
 
     @property
     def target(self) -> Hop:

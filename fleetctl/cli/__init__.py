@@ -21,6 +21,7 @@ from fleetctl.cli.jobs import drain_command, jobs_group, submit_command, undrain
 from fleetctl.cli.monitor import serve_command, telemetry_group, top_command
 from fleetctl.cli.preflight import doctor_command, trust_command
 from fleetctl.cli.run import run_command
+from fleetctl.cli.settings import config_group
 from fleetctl.errors import FleetError
 from fleetctl.text import one_line, visible
 
@@ -62,6 +63,7 @@ cli.add_command(telemetry_group)
 cli.add_command(sandbox_group)
 cli.add_command(demo_command)
 cli.add_command(run_command)
+cli.add_command(config_group)
 
 
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for `cat big | head -1`

@@ -21,6 +21,7 @@ from fleetctl.health import Health
 from fleetctl.history import AgentStatus, agent_statuses
 from fleetctl.registration import register_ssh
 from fleetctl.routes import HopView
+from fleetctl.settings import default_of
 from fleetctl.text import one_line, visible
 
 
@@ -46,7 +47,7 @@ def labels_text(labels: dict[str, str]) -> str:
 @click.option("--bastion-key", type=click.Path(dir_okay=False), help="Key for the bastions (default: --key).")
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="Label for placement; repeatable.")
 @click.option("--gpu-query-cmd", help="GPU query to run (default: detected nvidia-smi / rocm-smi / amd-smi).")
-@click.option("--connect-timeout", type=float, help="Seconds to wait for each hop (default 10).")
+@click.option("--connect-timeout", type=float, help=f"Seconds to wait for each hop (default {default_of(Agent, 'connect_timeout_s'):g}).")
 @click.option("--no-connect", is_flag=True, help="Write the entry without logging in (no pins, no detection).")
 @click.option("--insecure-accept-any-host-key", is_flag=True, help="Skip host-key checks. Dangerous; testing only.")
 @click.option("--json", "as_json", is_flag=True, help="Print the saved entry as JSON.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -10,6 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
+import annotated_types
 import click
 from pydantic import BaseModel
 from rich.console import Console
@@ -48,9 +50,12 @@ err = _Console(stderr=True, soft_wrap=True)
 
 
 class Settings:
+    """The global flags given on this command line (None: not given)."""
+
     def __init__(self) -> None:
         self.config: Path | None = None
         self.state_dir: Path | None = None
+        self.store: str | None = None  # also put in $FLEETCTL_STORE (see _remember_store); kept to name it as the source
 
     @property
     def config_path(self) -> Path:
@@ -69,12 +74,28 @@ def _remember(name: str) -> Callable[[click.Context, click.Parameter, Any], Any]
     return callback
 
 
-def _remember_store(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+def _remember_store(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
     # Through the environment layer it outranks (flag > $FLEETCTL_STORE > [controller] store): so the
     # flag reaches every Fleet a command opens, and a process it starts, without each call passing it.
     if value is not None:
         os.environ[STORE_ENV] = value
+        ctx.ensure_object(Settings).store = value
     return value
+
+
+def option_range(model: type[BaseModel], name: str) -> click.IntRange | click.FloatRange:
+    """A flag's type and bounds, read from the model field it fills so they are written once:
+    ``type=option_range(JobSpec, "gpus"), default=default_of(JobSpec, "gpus")``."""
+    field = model.model_fields[name]
+    bounds: dict[str, Any] = {}
+    for rule in field.metadata:
+        for kind in (annotated_types.Ge, annotated_types.Gt, annotated_types.Le, annotated_types.Lt):
+            if isinstance(rule, kind):
+                bounds[kind.__name__.lower()] = next(iter(dataclasses.asdict(rule).values()))
+    low, high = bounds.get("ge", bounds.get("gt")), bounds.get("le", bounds.get("lt"))
+    if field.annotation is int:
+        return click.IntRange(low, high, min_open="gt" in bounds, max_open="lt" in bounds)
+    return click.FloatRange(low, high, min_open="gt" in bounds, max_open="lt" in bounds)
 
 
 def common_options(func: F) -> F:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from fleetctl.cli.common import common_options, out, print_json, settings
+from fleetctl.cli.common import common_options, option_range, out, print_json, settings
 from fleetctl.cli.progress import host_progress
 from fleetctl.cli.tables import fleet_table
 from fleetctl.config import load_config
@@ -19,9 +19,11 @@ from fleetctl.registration import register_ssh
 from fleetctl.sandbox import Sandbox, default_hosts, sandbox_dir
 from fleetctl.sandbox.postgres import PostgresCluster, set_inventory_store
 from fleetctl.sandbox.sandbox import STATE_FILE
+from fleetctl.settings import ControllerSettings
 from fleetctl.text import visible
 
 EXIT_SOME_FAILED = 3
+SANDBOX_HOSTS = 3  # `sandbox up` and `demo`: one host of each kind (NVIDIA, AMD, behind the bastion)
 # What the demo job does: read its inputs from job.json, write a JSON result.
 DEMO_JOB = ('python3 -c \'import json, os; job = json.load(open(os.environ["FLEETCTL_JOB_FILE"])); '
             'json.dump({"greeting": job["payload"]["greeting"], "visible": os.environ.get("CUDA_VISIBLE_DEVICES") '
@@ -33,7 +35,7 @@ DEMO_JOB = ('python3 -c \'import json, os; job = json.load(open(os.environ["FLEE
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), metavar="FILE",
               help="Append one row per GPU to FILE (header only when the file is new or empty).")
 @click.option("--json", "as_json", is_flag=True, help="Print the snapshots as JSON.")
-@click.option("--max-parallel-ssh", type=click.IntRange(1, 1024), default=None,
+@click.option("--max-parallel-ssh", type=option_range(ControllerSettings, "max_parallel_ssh"), default=None,
               help=f"Hosts contacted at once [default: {DEFAULT_MAX_PARALLEL_SSH}, or [controller] max_parallel_ssh].")
 @common_options
 def heartbeat_command(agents: tuple[str, ...], csv_path: str | None, as_json: bool, max_parallel_ssh: int | None) -> None:
@@ -66,7 +68,7 @@ def _sandbox_path(directory: str | None) -> Path:
 
 
 @sandbox_group.command("up")
-@click.option("--hosts", type=click.IntRange(1, 200), default=3, show_default=True, help="GPU hosts to start.")
+@click.option("--hosts", type=click.IntRange(1, 200), default=SANDBOX_HOSTS, show_default=True, help="GPU hosts to start.")
 @click.option("--dir", "directory", type=click.Path(file_okay=False), help="Where keys, logs and the inventory go.")
 @click.option("--postgres", is_flag=True, help="Also start a private PostgreSQL and make it the inventory's store.")
 @common_options
@@ -108,7 +110,7 @@ def sandbox_down(directory: str | None) -> None:
 
 
 @click.command("demo")
-@click.option("--hosts", type=click.IntRange(1, 50), default=3, show_default=True)
+@click.option("--hosts", type=click.IntRange(1, 50), default=SANDBOX_HOSTS, show_default=True)
 def demo_command(hosts: int) -> None:
     """Try fleetctl with nothing to set up: start a sandbox fleet of simulated GPU hosts, register
     them with register-ssh, run a heartbeat round, run a 2-GPU job on the fleet (it reads a payload

@@ -9,15 +9,16 @@ from pathlib import Path
 
 import click
 
-from fleetctl.cli.common import common_options, iso_utc, out, parse_labels, print_json, settings
+from fleetctl.cli.common import common_options, iso_utc, option_range, out, parse_labels, print_json, settings
 from fleetctl.cli.tables import Column, list_table
 from fleetctl.config import load_config
 from fleetctl.errors import ConfigError, JobError
 from fleetctl.fleet import Fleet
 from fleetctl.jobs.api import cancel_job, refresh_reasons
 from fleetctl.jobs.driver import NO_CONTROLLER
-from fleetctl.jobs.model import FINAL_STATES, JobRecord, parse_duration
+from fleetctl.jobs.model import FINAL_STATES, JobRecord, JobSpec, parse_duration
 from fleetctl.jobs.queue import JobQueue
+from fleetctl.settings import default_of
 from fleetctl.text import one_line, visible
 
 STATES = ("queued", "dispatching", "running", *FINAL_STATES)
@@ -43,20 +44,20 @@ def _payload(path: str | None) -> object:
 
 
 @click.command("submit", context_settings={"ignore_unknown_options": False})
-@click.option("--gpus", type=click.IntRange(0, 64), default=0, show_default=True, help="GPUs the job needs.")
-@click.option("--min-free-mem-mib", type=click.FloatRange(0), help="Free memory each GPU must have.")
+@click.option("--gpus", type=option_range(JobSpec, "gpus"), default=default_of(JobSpec, "gpus"), show_default=True, help="GPUs the job needs.")
+@click.option("--min-free-mem-mib", type=option_range(JobSpec, "min_free_mem_mib"), help="Free memory each GPU must have.")
 @click.option("--label", "labels", multiple=True, metavar="KEY=GLOB", help="Agent label to match (gpu_type=a100*).")
 @click.option("--agent", metavar="NAME", help="Run on this agent only.")
 @click.option("--env", "env", multiple=True, metavar="K=V", help="Environment variable for the job; repeatable.")
 @click.option("--workdir", metavar="DIR", help="Remote working directory (default: the job's private dir).")
 @click.option("--timeout", metavar="DURATION", help="Kill the job after this long (90s, 15m, 2h).")
-@click.option("--retries", type=click.IntRange(0, 100), default=0, show_default=True,
+@click.option("--retries", type=option_range(JobSpec, "retries"), default=default_of(JobSpec, "retries"), show_default=True,
               help="Times to re-run the job if its host is lost (0: side-effecting work runs at most once).")
 @click.option("--payload", type=click.Path(dir_okay=False), metavar="FILE.json", help="JSON the job reads from $FLEETCTL_JOB_FILE.")
 @click.option("--output", "outputs", multiple=True, metavar="REMOTE_PATH", help="File to pull back when the job ends.")
 @click.option("--after", "after", multiple=True, metavar="JOB_ID", help="Start only after this job succeeded.")
 @click.option("--name", help="A name to recognise the job by.")
-@click.option("--priority", type=int, default=0, show_default=True, help="Higher runs first; FIFO within a priority.")
+@click.option("--priority", type=int, default=default_of(JobSpec, "priority"), show_default=True, help="Higher runs first; FIFO within a priority.")
 @click.option("--wait", "wait", is_flag=True, help="Wait for the job to end; exit 0 if it succeeded, 3 if not.")
 @click.argument("command", nargs=-1, required=True)
 @common_options

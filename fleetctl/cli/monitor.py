@@ -25,6 +25,7 @@ from fleetctl.fleet import Fleet
 from fleetctl.frames import csv_text, write_csv
 from fleetctl.jobs.driver import Driver, controller_lock
 from fleetctl.metrics import parse_address, serve_metrics
+from fleetctl.settings import ControllerSettings, default_of
 
 
 def _stop_on_signals() -> threading.Event:
@@ -156,7 +157,7 @@ QUIT_KEYS = ("q", "Q", "esc", "\x03", "\x04")  # Ctrl-C and Ctrl-D too, should a
 @click.command("top")
 @click.option("--agent", "agents", multiple=True, metavar="NAME", help="Only these agents; repeatable.")
 @click.option("--interval", type=click.FloatRange(0.2, 3600), default=None,
-              help="Seconds between refreshes [default: [controller] heartbeat_interval_s, 5].")
+              help=f"Seconds between refreshes [default: [controller] heartbeat_interval_s, {default_of(ControllerSettings, 'heartbeat_interval_s'):g}].")
 @click.option("--once", is_flag=True, help="One round, print, exit (for scripts and logs).")
 @common_options
 def top_command(agents: tuple[str, ...], interval: float | None, once: bool) -> None:

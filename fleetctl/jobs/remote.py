@@ -22,8 +22,9 @@ import shlex
 
 from fleetctl.jobdirs import DIR_PATTERN, dir_prefix
 from fleetctl.jobs.model import JobSpec
+from fleetctl.settings import ControllerSettings, default_of
 
-KILL_GRACE_S = 10
+KILL_GRACE_S: int = default_of(ControllerSettings, "kill_grace_s")
 
 
 def make_dir_command(job_id: str, attempt: int, agent: str) -> str:
