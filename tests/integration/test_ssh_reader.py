@@ -26,14 +26,15 @@ from fleetctl.errors import CommandTimeout, ConnectionLost
 from fleetctl.routes import route_for
 from fleetctl.sandbox import Sandbox, sshd
 from fleetctl.sandbox.sandbox import _free_port
-from fleetctl.ssh import connect
+from fleetctl.ssh import connect, fastpath
 from fleetctl.ssh.known_hosts import fingerprint
 from fleetctl.ssh.loop import MAX_PACKET, Transport
 from fleetctl.ssh.reader import shared_reader
 from fleetctl.transport import Hop, Route
 from tests.conftest import require_sshd
 
-pytestmark = pytest.mark.no_store
+pytestmark = [pytest.mark.no_store,
+              pytest.mark.skipif(not fastpath.enabled(), reason="the shared reader is the fast path: off on stock paramiko")]
 
 
 def _wait_for(predicate: object, deadline_s: float = 10.0) -> bool:
