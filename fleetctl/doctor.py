@@ -117,5 +117,5 @@ def _target_checks(fleet: Fleet, agent: Agent, conn: Connection) -> list[Check]:
 def doctor(fleet: Fleet, names: list[str] | None = None) -> list[Check]:
     """Every check for the named agents (all by default), agents in parallel on the fleet's pool."""
     agents = fleet.inventory.select(names)
-    results = fleet._pool().map(lambda agent: check_agent(fleet, agent), agents)
+    results = fleet.map_agents(lambda agent: check_agent(fleet, agent), agents)
     return [check for checks in results for check in checks]

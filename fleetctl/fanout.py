@@ -148,9 +148,8 @@ def run(fleet: Hosts, command: Sequence[str] | str, *, agents: str | Sequence[st
     argv, line = remote_command(command)
     chosen = select(fleet, agents, labels)
     started = time.monotonic()
-    pool = fleet._pool()
-    futures = [pool.submit(_run_one, fleet, agent, line, timeout, max_stdout, max_stderr) for agent in chosen]
-    return FanoutResult(argv, [f.result() for f in futures], time.monotonic() - started)
+    results = fleet.map_agents(lambda agent: _run_one(fleet, agent, line, timeout, max_stdout, max_stderr), chosen)
+    return FanoutResult(argv, results, time.monotonic() - started)
 
 
 def _run_one(fleet: Hosts, agent: Agent, line: str, timeout: float, max_stdout: int, max_stderr: int) -> HostResult:

@@ -10,11 +10,11 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from fleetctl import fanout
 from fleetctl.config import Agent, Inventory, load_config
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
 DEFAULT_MAX_PARALLEL_SSH: int = default_of(ControllerSettings, "max_parallel_ssh")
 PRUNE_EVERY_S = 3600.0
+T = TypeVar("T")
 
 
 @dataclass
@@ -211,6 +212,36 @@ class Hosts:
         if record:
             round_.transitions = self.record(snapshots, fence)
         return round_
+
+    def heartbeat_each(self, agents: list[str] | None, period: float, stop: threading.Event,
+                       on_done: Callable[[TelemetrySnapshot], None], *, record: bool = True) -> None:
+        """Beat each agent every ``period`` seconds until ``stop`` is set, each on its own: no host
+        waits for another (a black-holed host holds only its own next beat, never the others').
+        ``on_done`` gets each snapshot as it arrives, from the pool's threads; with ``record`` it is
+        written to history first."""
+        chosen = self.inventory.select(agents)
+        in_flight: dict[str, Future[None]] = {}
+        due = dict.fromkeys((a.name for a in chosen), 0.0)
+
+        def beat(agent: Agent) -> None:
+            snapshot = self.heartbeat_one(agent)
+            if record:
+                self.record([snapshot])
+            on_done(snapshot)
+
+        pool = self._pool()
+        while not stop.is_set():
+            now = time.monotonic()
+            for agent in chosen:
+                running = in_flight.get(agent.name)
+                if due[agent.name] <= now and (running is None or running.done()):
+                    due[agent.name] = now + period
+                    in_flight[agent.name] = pool.submit(beat, agent)
+            stop.wait(max(0.05, min(due.values()) - time.monotonic()))
+
+    def map_agents(self, fn: Callable[[Agent], T], agents: list[Agent]) -> list[T]:
+        """``fn(agent)`` for each agent on the fleet's bounded pool (the one heartbeats use), in order."""
+        return list(self._pool().map(fn, agents))
 
     def _pool(self) -> ThreadPoolExecutor:
         # Kept between rounds: starting 32 threads per round is measurable at a 5 s interval.

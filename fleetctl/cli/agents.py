@@ -132,7 +132,7 @@ def list_agents(as_json: bool) -> None:
     with Fleet(load_config(s.config_path), state_dir=s.state_path) as fleet:
         statuses = _statuses(fleet)
         agents = list(fleet.inventory)
-        routes = list(fleet._pool().map(lambda a: _route_summary(fleet, a), agents))  # ssh -G runs in parallel
+        routes = fleet.map_agents(lambda a: _route_summary(fleet, a), agents)  # ssh -G runs in parallel
         inventory_path = fleet.inventory.path
     if as_json:
         print_json([{**a.model_dump(exclude_none=True), "route": route, **_status_json(statuses.get(a.name))}

@@ -21,11 +21,12 @@ from fleetctl.cli.tables import TopData, TopScreen, top_frame
 from fleetctl.config import load_config
 from fleetctl.controller import Controller
 from fleetctl.errors import FleetError, UnknownAgentError
-from fleetctl.fleet import Fleet
+from fleetctl.fleet import Fleet, HeartbeatRound
 from fleetctl.frames import csv_text, write_csv
 from fleetctl.jobs.driver import Driver, controller_lock
 from fleetctl.metrics import parse_address, serve_metrics
 from fleetctl.settings import ControllerSettings, default_of
+from fleetctl.telemetry import TelemetrySnapshot
 
 
 def _stop_on_signals() -> threading.Event:
@@ -83,32 +84,56 @@ def serve_command(no_jobs: bool, metrics_at: str | None) -> None:
 
 
 class _Rounds:
-    """Heartbeat rounds for ``top`` in a thread of their own, so that keys and the clock are served
-    while a round waits on a slow host. The latest round is handed over whole (one attribute write)."""
+    """Heartbeats for ``top`` in a thread of their own, so that keys and the clock are served while
+    a host is slow. Each host beats on its own (``Hosts.heartbeat_each``) and shows as soon as it
+    answers: a black-holed host never holds the others' rows. ``latest`` is replaced whole."""
 
     def __init__(self, fleet: Fleet, names: list[str] | None, period: float, stop: threading.Event) -> None:
         self.fleet, self.names, self.period, self.stop = fleet, names, period, stop
         self.latest: TopData | None = None
         self.failure: BaseException | None = None
+        self._snapshots: dict[str, TelemetrySnapshot] = {}
+        self._changed = threading.Event()
         self.thread = threading.Thread(target=self._run, name="fleetctl-top", daemon=True)
+        self._publisher = threading.Thread(target=self._publish, name="fleetctl-top-view", daemon=True)
+
+    def _arrived(self, snapshot: TelemetrySnapshot) -> None:
+        self._snapshots[snapshot.agent] = snapshot  # one dict write: safe from the pool's threads
+        self._changed.set()
 
     def _run(self) -> None:
+        self._publisher.start()
         try:
-            while not self.stop.is_set():
-                self.latest = _take_round(self.fleet, self.names)
-                if self.stop.wait(self.period):
-                    return
+            self.fleet.heartbeat_each(self.names, self.period, self.stop, self._arrived)
         except BaseException as exc:  # raised again in the main thread, which reports it
             self.failure = exc
             self.stop.set()
 
+    def _publish(self) -> None:
+        # At most a few views a second, however many hosts answer: each reads health from the store.
+        order = [a.name for a in self.fleet.inventory.select(self.names)]
+        try:
+            while not self.stop.is_set():
+                if not self._changed.wait(0.25):
+                    continue
+                self._changed.clear()
+                snapshots = [self._snapshots[name] for name in order if name in self._snapshots]
+                self.latest = _view(self.fleet, HeartbeatRound(snapshots, 0.0))
+                self.stop.wait(0.2)
+        except BaseException as exc:
+            self.failure = exc
+            self.stop.set()
 
-def _take_round(fleet: Fleet, names: list[str] | None) -> TopData:
-    round_ = fleet.heartbeat(names)
+
+def _view(fleet: Fleet, round_: HeartbeatRound) -> TopData:
     health = fleet.health()
     return TopData(round_, dict(zip(health["agent"], health["health"], strict=True)),
                    frozenset(a for a, d in zip(health["agent"], health["draining"], strict=True) if d),
                    datetime.now())
+
+
+def _take_round(fleet: Fleet, names: list[str] | None) -> TopData:
+    return _view(fleet, fleet.heartbeat(names))
 
 
 def _live_top(fleet: Fleet, names: list[str] | None, period: float, stop: threading.Event) -> None:

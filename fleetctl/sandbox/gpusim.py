@@ -183,7 +183,7 @@ def help_query_gpu(spec: Spec) -> str:
 
 
 def hang(spec: Spec) -> None:
-    """A tool stuck in the driver: answers nothing for ``hang_s`` (default 600 s), then gives up, so
+    """A tool stuck in the driver: answers nothing for ``hang_s`` seconds (600 unless the spec says), then gives up, so
     a caller that walked away leaves no process behind for long."""
     time.sleep(float(spec.get("hang_s", 600)))
     sys.exit(1)

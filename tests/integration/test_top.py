@@ -18,7 +18,7 @@ import pytest
 from rich.cells import cell_len
 
 from fleetctl.sandbox import HostSpec, Sandbox
-from tests.conftest import require_sshd, run_cli
+from tests.conftest import needs_netns, require_sshd, run_cli
 
 COLUMNS, LINES = 80, 24
 DEADLINE_S = 30.0
@@ -228,3 +228,25 @@ def test_top_when_piped_prints_plain_frames(small_fleet: Sandbox, tmp_path: Path
     assert re.match(r"\d\d:\d\d:\d\d  1/2 hosts ok  1 failed", lines[0]), lines
     assert lines[2].startswith("zzz-broken") and "driver_error" in lines[2], lines
     assert len(lines) == 5 and "\x1b" not in result.stdout and "q/Esc" not in result.stdout
+
+
+@needs_netns
+def test_a_black_holed_host_never_holds_the_others_rows(tmp_path: Path) -> None:
+    """Each host shows as soon as it answers: the healthy one is on screen long before the
+    black-holed one's connect timeout (3 s in the sandbox) gives it a row."""
+    require_sshd()
+    sandbox = Sandbox(tmp_path / "holed", [HostSpec("aaa-healthy"), HostSpec("hole", mode="blackhole")])
+    sandbox.up()
+    try:
+        top = _start(sandbox, tmp_path)
+        try:
+            started = time.monotonic()
+            top.wait_for("the healthy host's rows", lambda: "aaa-healthy" in top.screen.text())
+            assert "hole" not in top.screen.text() and time.monotonic() - started < 3.0, top.screen.text()
+            top.wait_for("the black-holed host's row", lambda: "hole" in top.screen.text())
+            top.press(b"q")
+            assert top.exit_code() == 0
+        finally:
+            top.close()
+    finally:
+        sandbox.down()
