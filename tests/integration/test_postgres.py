@@ -1,8 +1,9 @@
-"""What only the PostgreSQL store does, on a real private cluster: its spelling of the schema, frames
-and exports identical to SQLite's, the settings' order, one-line errors naming the URL without its
-password, ``sandbox up --postgres``, metrics, and many rows as whole statements. What both backends
-do alike (migrations raced by several processes, a queue shared by two Store instances, a closed
-store) is tested once for both, in tests/integration/test_store.py."""
+"""What only the PostgreSQL store does, on a real private cluster: its spelling of the schema, its
+row locks (``for_claim``, ``for_share``), frames and exports identical to SQLite's, the settings'
+order, one-line errors naming the URL without its password, ``sandbox up --postgres``, metrics, and
+many rows as whole statements. What both backends do alike (migrations raced by several processes,
+a queue shared by two Store instances, a closed store) is tested once for both, in
+tests/integration/test_store.py."""
 
 from __future__ import annotations
 
@@ -170,3 +171,28 @@ def test_executemany_is_whole_statements_never_a_pipeline(postgres_url: str, tmp
         assert store.query("SELECT COUNT(*), MAX(ts) FROM job_events")[0][:] == (len(rows), float(len(rows) - 1))
     finally:
         store.close()
+
+
+def test_a_claimed_row_is_skipped_at_once_and_a_shared_row_holds_off_writers(postgres_url: str) -> None:
+    """The row locks of ``serialized=False`` transactions: a row read ``for_claim`` is invisible to
+    another claim (no wait), and a row read ``for_share`` (a fenced write's lease) cannot be changed
+    by another transaction until the first ends."""
+    first, second = PostgresStore(postgres_url), PostgresStore(postgres_url)
+    try:
+        with first.transaction() as db:
+            db.execute("INSERT INTO jobs (id, state, spec, submitted) VALUES ('j1', 'queued', '{}', 0)")
+            db.execute("INSERT INTO leases (agent, controller, token) VALUES ('gpu-1', 'c1', 1)")
+        claim = "SELECT id FROM jobs WHERE state = 'queued'"
+        with first.transaction(serialized=False) as db:
+            assert [tuple(row) for row in db.execute(first.for_claim(claim)).fetchall()] == [("j1",)]
+            with second.transaction(serialized=False) as other:
+                assert other.execute(second.for_claim(claim)).fetchall() == []  # skipped, not waited for
+        with first.transaction(serialized=False) as db:
+            db.execute(first.for_share("SELECT token FROM leases WHERE agent = ?"), ("gpu-1",)).fetchall()
+            with pytest.raises(StoreError, match="stayed busy"), second.transaction(serialized=False) as other:
+                other.execute("SET LOCAL lock_timeout = '200ms'")
+                other.execute("UPDATE leases SET controller = 'c2', token = token + 1 WHERE agent = ?", ("gpu-1",))
+        assert [tuple(row) for row in first.query("SELECT controller, token FROM leases")] == [("c1", 1)]
+    finally:
+        first.close()
+        second.close()
