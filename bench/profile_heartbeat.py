@@ -51,13 +51,13 @@ from fleetctl.heartbeat import heartbeat_command, snapshot_from_result  # noqa: 
 from fleetctl.history import record as record_history  # noqa: E402
 from fleetctl.parsers import parse_gpu_output  # noqa: E402
 from fleetctl.ssh import connection as ssh_connection  # noqa: E402
-from fleetctl.store import Store  # noqa: E402
+from fleetctl.store import SQLiteStore  # noqa: E402
 from fleetctl.telemetry import GpuSample, TelemetrySnapshot  # noqa: E402
 
 # Buckets, tried in order against each frame from the innermost outwards; the first match names
 # the sample. (file or function regex, bucket)
 BUCKETS: list[tuple[str, str]] = [
-    (r"sqlite3|fleetctl/store\.py|fleetctl/history\.py", "SQLite write (history.record, store)"),
+    (r"sqlite3|fleetctl/store/|fleetctl/history\.py", "SQLite write (history.record, store)"),
     (r"fleetctl/health\.py", "health state machine"),
     (r"pydantic|fleetctl/telemetry\.py", "pydantic models (TelemetrySnapshot/GpuSample)"),
     (r"/re/_parser\.py|/re/_compiler\.py|/re/__init__\.py", "regex compiled per beat (session.py's end marker)"),
@@ -134,7 +134,7 @@ def micro(fleet: Fleet, scratch: Path) -> dict[str, float]:
     out["  TelemetrySnapshot(**fields) (pydantic, samples prebuilt)"] = timed(lambda: TelemetrySnapshot(**snap_fields), 2000)
     out["  TelemetrySnapshot.model_construct (no validation)"] = timed(lambda: TelemetrySnapshot.model_construct(**snap_fields), 2000)
     round_ = [snapshot_from_result(a, result, 1.0) for a in fleet.inventory.agents]
-    store = Store.in_state_dir(scratch / "micro-state")
+    store = SQLiteStore.in_state_dir(scratch / "micro-state")
     try:
         n = 20
         out["history.record per heartbeat (one round, one transaction)"] = timed(

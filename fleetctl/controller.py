@@ -49,9 +49,9 @@ class Controller:
         # Each beat with the lease it was taken under (controller id, token): written only if still held.
         self._pending: list[tuple[TelemetrySnapshot, str, int | None]] = []
         self._pending_lock = threading.Lock()
-        # On the SQLite file the state dir's lock already makes this the only controller.
+        # On a store that is not shared (the SQLite file) the state dir's lock already makes this the only controller.
         self.membership = Membership(fleet.store, fleet.inventory.names(), fleet.settings.lease_s,
-                                     sole=fleet.store.dialect != "postgresql")
+                                     sole=not fleet.store.shared)
         self._taken: set[str] = set()  # agents leased since the last tick: it reconciles their jobs first
         self._store_away_since: float | None = None  # monotonic time of the first failure in a streak
         self._scheduler = BackgroundScheduler(

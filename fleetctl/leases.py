@@ -107,10 +107,10 @@ class Fence:
         only, if given). A transaction that does not take the store-wide write lock passes ``agent``:
         that one row is share-locked on PostgreSQL, so a takeover waits for the transaction to end
         (one row only: two such transactions never lock rows in opposite orders)."""
-        only = " AND agent = ?" if agent is not None else ""
-        lock = " FOR SHARE" if agent is not None and store.dialect == "postgresql" else ""
-        rows = db.execute(f"SELECT agent, token FROM leases WHERE controller = ? AND expires > {store.clock_sql}{only}{lock}",
-                          (self.controller, *((agent,) if agent is not None else ()))).fetchall()
+        sql = f"SELECT agent, token FROM leases WHERE controller = ? AND expires > {store.clock_sql}"
+        if agent is not None:
+            sql = store.for_share(f"{sql} AND agent = ?")
+        rows = db.execute(sql, (self.controller, *((agent,) if agent is not None else ()))).fetchall()
         return {row[0]: row[1] for row in rows}
 
 

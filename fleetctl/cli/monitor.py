@@ -54,7 +54,7 @@ def serve_command(no_jobs: bool, metrics_at: str | None) -> None:
     fleet = Fleet(load_config(s.config_path), state_dir=s.state_path)
     # On the SQLite file one serve drives a state dir (the lock); on a shared store several serve
     # together, the leases in the store deciding who drives which agent.
-    shared = fleet.store.dialect == "postgresql"
+    shared = fleet.store.shared
     lock = contextlib.nullcontext(True) if shared else controller_lock(fleet.state_dir, wait_s=30.0)
     with lock as mine:
         if not mine:

@@ -63,7 +63,7 @@ def mark_driving(state_dir: Path) -> None:
 def controller_live(hosts: Hosts) -> bool:
     """Is some process driving the queue now: a live ``serve`` on the shared store, or one holding
     (or lately using) the lock in this state dir? Never blocks."""
-    if hosts.store.dialect == "postgresql" and live_controllers(hosts.store):
+    if hosts.store.shared and live_controllers(hosts.store):
         return True
     state_dir = hosts.state_dir
     try:
@@ -111,7 +111,7 @@ class Driver:
             if not mine:
                 return False
             fences: FenceSource | None = None
-            if self.hosts.store.dialect == "postgresql":
+            if self.hosts.store.shared:
                 own = self._membership.id if self._membership else None
                 if live_controllers(self.hosts.store, excluding=own):
                     self.close()

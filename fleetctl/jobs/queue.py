@@ -5,7 +5,8 @@ both). Job state is written only here, by the named transitions below; each is a
 A queue opened with a :class:`~fleetctl.leases.Fence` (a controller of a shared store) also checks,
 in the same statement, that its controller still holds the lease of the job's agent: a controller
 that lost the agent (died, paused, partitioned) cannot move the job any more. Claims lock the job
-row with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so controllers never wait on each other's claims."""
+row (:meth:`~fleetctl.store.base.Store.for_claim`: ``FOR UPDATE SKIP LOCKED`` on PostgreSQL), so
+controllers never wait on each other's claims."""
 
 from __future__ import annotations
 
@@ -94,17 +95,16 @@ class JobQueue:
             return False
         fields = {"state": "dispatching", "agent": agent, "gpus": gpus, "attempt": attempt,
                   "dispatched": time.time(), "remote_dir": None, "reason": None}
-        if self.store.dialect != "postgresql":  # SQLite: one writer at a time, the compare-and-set is the claim
-            return self._cas(job_id, ("queued",), "attempt = ?", (attempt - 1,), "dispatching", agent, fields,
-                             agent_param=agent)
+        # One code path on every backend: on SQLite the transaction is the only writer anyway, so the
+        # row read is the row written; on PostgreSQL the claiming transaction locks the row, and a
+        # controller claiming the same job skips it.
         with self.store.transaction(serialized=False) as db:
-            # The claiming transaction locks the row; a controller claiming the same job skips it.
-            if db.execute("SELECT id FROM jobs WHERE id = ? AND state = 'queued' AND attempt = ? FOR UPDATE SKIP LOCKED",
+            if db.execute(self.store.for_claim("SELECT id FROM jobs WHERE id = ? AND state = 'queued' AND attempt = ?"),
                           (job_id, attempt - 1)).fetchone() is None:
                 return False
             if fence is not None and fence.held_tokens(db, self.store, agent).get(agent) != fence.tokens.get(agent):
                 return False  # the lease row stays share-locked to commit: a takeover waits for it
-            return self._write(db, job_id, ("queued",), "", (), "dispatching", agent, fields, agent)
+            return self._write(db, job_id, ("queued",), "attempt = ?", (attempt - 1,), "dispatching", agent, fields, agent)
 
     def set_remote_dir(self, job_id: str, remote_dir: str, attempt: int) -> bool:
         """Where the dispatching ``attempt``'s files are, once ``mktemp -d`` made the directory."""

@@ -21,7 +21,7 @@ from fleetctl.fleet import Fleet
 from fleetctl.leases import assign, controller_rows
 from fleetctl.sandbox import HostSpec, Sandbox
 from fleetctl.store import Store, open_store
-from fleetctl.store_pg import IDLE_IN_TRANSACTION_MS
+from fleetctl.store.postgres import IDLE_IN_TRANSACTION_MS
 from tests.conftest import require_sshd, run_cli
 
 pytestmark = pytest.mark.postgres
@@ -31,7 +31,7 @@ INTERVAL_S = 0.5
 JOBS = 300
 # A takeover: the lease runs out, the others notice at their next renewal (lease / 3), the first
 # beat comes within one interval; a controller stopped inside a transaction holds its locks until
-# PostgreSQL ends its session (store_pg.IDLE_IN_TRANSACTION_MS); plus slack for a 2-core CI machine
+# PostgreSQL ends its session (fleetctl.store.postgres.IDLE_IN_TRANSACTION_MS); plus slack for a 2-core CI machine
 # running three controllers and six hosts (the new holder's first beat also makes the connection).
 RESUME_WITHIN_S = LEASE_S + LEASE_S / 3 + INTERVAL_S + IDLE_IN_TRANSACTION_MS / 1000 + 2.5
 AGENTS = [f"node{n}" for n in range(6)]

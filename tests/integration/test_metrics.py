@@ -28,7 +28,7 @@ from fleetctl.health import HealthPolicy
 from fleetctl.history import record
 from fleetctl.metrics import MAX_LABEL_CHARS, FleetCollector, parse_address, registry_for
 from fleetctl.sandbox import HostSpec, Sandbox
-from fleetctl.store import Store
+from fleetctl.store import SQLiteStore
 from fleetctl.telemetry import GpuSample, TelemetrySnapshot
 from tests.conftest import require_sshd, run_cli
 
@@ -77,9 +77,9 @@ def _scrape(collector: FleetCollector) -> dict[str, list[Any]]:
     return _samples(generate_latest(registry_for(collector)).decode())
 
 
-@pytest.mark.sqlite_only(reason="builds its store with Store.in_state_dir: SQLite on either pass")
+@pytest.mark.sqlite_only(reason="builds its store with SQLiteStore.in_state_dir: SQLite on either pass")
 def test_a_failed_host_exports_its_status_never_its_last_gpu_values(tmp_path: Path) -> None:
-    store = Store.in_state_dir(tmp_path)
+    store = SQLiteStore.in_state_dir(tmp_path)
     try:
         record(store, [_snapshot("a"), _snapshot("b")], HealthPolicy())
         record(store, [_snapshot("b", "unreachable")], HealthPolicy())  # b was fine, now it is not
@@ -104,9 +104,9 @@ def test_a_failed_host_exports_its_status_never_its_last_gpu_values(tmp_path: Pa
     assert families["fleetctl_store_up"][0].value == 1.0
 
 
-@pytest.mark.sqlite_only(reason="builds its store with Store.in_state_dir: SQLite on either pass")
+@pytest.mark.sqlite_only(reason="builds its store with SQLiteStore.in_state_dir: SQLite on either pass")
 def test_a_stale_ok_snapshot_is_not_the_present(tmp_path: Path) -> None:
-    store = Store.in_state_dir(tmp_path)
+    store = SQLiteStore.in_state_dir(tmp_path)
     try:
         record(store, [_snapshot("old", ago_s=3600), _snapshot("new")], HealthPolicy())
         families = _scrape(FleetCollector(store, max_age_s=60))
@@ -118,10 +118,10 @@ def test_a_stale_ok_snapshot_is_not_the_present(tmp_path: Path) -> None:
     assert age["old"] >= 3600 and age["new"] < 60
 
 
-@pytest.mark.sqlite_only(reason="builds its store with Store.in_state_dir: SQLite on either pass")
+@pytest.mark.sqlite_only(reason="builds its store with SQLiteStore.in_state_dir: SQLite on either pass")
 def test_label_values_from_hosts_are_data_escaped_and_bounded(tmp_path: Path) -> None:
     odd = 'GPU "quoted" \\ back\nslash ünïcode ' + "x" * 500
-    store = Store.in_state_dir(tmp_path)
+    store = SQLiteStore.in_state_dir(tmp_path)
     try:
         record(store, [_snapshot('we"ird\nagent', name=odd, gpus=1)], HealthPolicy())
         text = generate_latest(registry_for(FleetCollector(store))).decode()
@@ -133,9 +133,9 @@ def test_label_values_from_hosts_are_data_escaped_and_bounded(tmp_path: Path) ->
     assert len(sample.labels["modelName"]) == MAX_LABEL_CHARS and sample.labels["modelName"].startswith(odd[:100])
 
 
-@pytest.mark.sqlite_only(reason="builds its store with Store.in_state_dir: SQLite on either pass")
+@pytest.mark.sqlite_only(reason="builds its store with SQLiteStore.in_state_dir: SQLite on either pass")
 def test_a_store_that_cannot_be_read_is_a_series_not_a_traceback(tmp_path: Path) -> None:
-    store = Store.in_state_dir(tmp_path)
+    store = SQLiteStore.in_state_dir(tmp_path)
     store.close()  # every query now fails with a StoreError
     families = _scrape(FleetCollector(store))
     assert list(families) == ["fleetctl_store_up"] and families["fleetctl_store_up"][0].value == 0.0
@@ -161,9 +161,9 @@ def _dashboard_queries() -> list[str]:
     return [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
 
 
-@pytest.mark.sqlite_only(reason="builds its store with Store.in_state_dir: SQLite on either pass")
+@pytest.mark.sqlite_only(reason="builds its store with SQLiteStore.in_state_dir: SQLite on either pass")
 def test_the_grafana_dashboard_is_built_on_exported_names(tmp_path: Path) -> None:
-    store = Store.in_state_dir(tmp_path)
+    store = SQLiteStore.in_state_dir(tmp_path)
     try:
         record(store, [_snapshot("a")], HealthPolicy())
         exported = set(_scrape(FleetCollector(store)))

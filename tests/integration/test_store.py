@@ -1,5 +1,9 @@
 """The store under stress, against real sshd: processes that start together on a fresh state dir,
-a damaged file, a read-only state dir. Each ends in one line, never a traceback or a lost round."""
+a damaged file, a read-only state dir. Each ends in one line, never a traceback or a lost round.
+
+The tests of the store's interface, the same on both backends, are here too, once, parametrized
+over SQLite and PostgreSQL (``make_store`` / ``store_url``); tests/integration/test_postgres.py
+keeps what only PostgreSQL does."""
 
 from __future__ import annotations
 
@@ -10,18 +14,24 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from fleetctl.errors import StoreError
 from fleetctl.health import HealthPolicy
 from fleetctl.history import record
+from fleetctl.jobs.model import JobSpec
+from fleetctl.jobs.queue import JobQueue
 from fleetctl.sandbox import Sandbox
-from fleetctl.store import Store
+from fleetctl.store import SQLiteStore, Store, open_store
+from fleetctl.store.postgres import PostgresStore
+from fleetctl.store.schema import SCHEMA_VERSION
 from fleetctl.telemetry import GpuSample, TelemetrySnapshot
 from tests.conftest import run_cli
 from tests.processes import run_together
@@ -77,10 +87,11 @@ def test_eight_processes_on_a_fresh_state_dir_never_fail(own_sandbox: Sandbox, t
         assert serve.returncode == 0 and "Traceback" not in serve_err, serve_err
 
 
-def _open_and_write(state: str, barrier: Barrier, errors: Queue[str | None]) -> None:
-    barrier.wait()  # all eight open the same fresh file at the same moment
+def _open_and_write(where: tuple[str | None, str], barrier: Barrier, errors: Queue[str | None]) -> None:
+    url, state = where
+    barrier.wait()  # all of them open the same fresh store at the same moment
     try:
-        store = Store.in_state_dir(state)
+        store = open_store(url, state)
         with store.transaction() as db:
             db.execute("INSERT INTO job_events (job_id, ts, event, detail) VALUES ('j', 0, 'opened', NULL)")
         store.close()
@@ -89,17 +100,60 @@ def _open_and_write(state: str, barrier: Barrier, errors: Queue[str | None]) -> 
         errors.put(repr(exc))
 
 
-@pytest.mark.sqlite_only(reason="SQLite's WAL setup race on a fresh file (PostgreSQL: test_four_processes_migrate_one_empty_database_once)")
-def test_first_opens_of_a_fresh_store_take_turns(tmp_path: Path) -> None:
-    """The narrow race behind the processes above, made likely: forked processes released by a
-    barrier. Setting WAL without the setup lock failed here in 14 of 200 opens."""
-    for round_ in range(25):
+def test_first_opens_of_a_fresh_store_take_turns_and_migrate_it_once(store_url: str | None, tmp_path: Path) -> None:
+    """Forked processes released by a barrier open one fresh store and write to it. SQLite: the
+    narrow race behind the processes above, made likely (setting WAL without the setup lock failed
+    here in 14 of 200 opens), 25 rounds of 8. PostgreSQL: four processes migrate one empty database
+    (the test's own) once, under the advisory lock."""
+    rounds, processes = (25, 8) if store_url is None else (1, 4)
+    for round_ in range(rounds):
         state = str(tmp_path / f"state-{round_}")
-        outcomes = run_together(_open_and_write, state, 8)
-        assert outcomes == [None] * 8, outcomes
-        store = Store.in_state_dir(state)
-        assert store.query("SELECT count(*) FROM job_events")[0][0] == 8
-        store.close()
+        outcomes = run_together(_open_and_write, (store_url, state), processes)
+        assert outcomes == [None] * processes, outcomes
+        store = open_store(store_url, state)
+        try:
+            assert store.query("SELECT count(*) FROM job_events")[0][0] == processes
+            assert store.schema_version() == SCHEMA_VERSION
+            if isinstance(store, PostgresStore):  # one version row, however many processes migrated
+                assert [tuple(r) for r in store.query("SELECT version FROM schema_version")] == [(SCHEMA_VERSION,)]
+        finally:
+            store.close()
+
+
+def test_a_closed_store_says_it_was_used_wrongly(make_store: Callable[[], Store]) -> None:
+    store = make_store()
+    store.close()
+    with pytest.raises(StoreError, match="was used wrongly") as closed:
+        store.query("SELECT 1")
+    assert "\n" not in str(closed.value)
+    cause = sqlite3.ProgrammingError if isinstance(store, SQLiteStore) else psycopg.InterfaceError
+    assert isinstance(closed.value.__cause__, cause)
+
+
+def test_a_job_submitted_on_one_store_is_claimed_once_from_another(make_store: Callable[[], Store]) -> None:
+    """Two Store instances (two controllers) see one queue, and the claim is a compare-and-set only
+    one of them wins."""
+    first, second = JobQueue(make_store()), JobQueue(make_store())
+    job = first.submit(JobSpec(command=["true"], name="shared"))
+    seen = second.get(job.id[:6].upper())  # a prefix, in either case
+    assert (seen.id, seen.state, seen.name) == (job.id, "queued", "shared")
+    assert second.claim(job.id, "gpu-1", ["0"], attempt=1)
+    assert not first.claim(job.id, "gpu-2", ["1"], attempt=1)
+    assert first.get(job.id).agent == "gpu-1" and first.get(job.id).gpus == ["0"]
+    assert first.set_reason(job.id, "x") is False  # not queued any more
+    assert first.mark_running(job.id, "/tmp/j", detail="attempt 1 on gpu-1")
+    assert first.first_event(job.id, "running", "attempt 1") is not None
+    assert first.first_event(job.id, "running", "attempt 2") is None
+    assert [event for _ts, event, _detail in second.events(job.id)] == ["submitted", "dispatching", "running"]
+    assert second.list(["running"])[0].id == job.id
+
+
+def test_set_reason_writes_only_a_change(make_store: Callable[[], Store]) -> None:
+    queue = JobQueue(make_store())
+    job = queue.submit(JobSpec(command=["true"]))
+    assert queue.set_reason(job.id, "no agent free")
+    assert not queue.set_reason(job.id, "no agent free")
+    assert queue.set_reason(job.id, "draining")
 
 
 @pytest.mark.sqlite_only(reason="sqlite3's own errors, on a garbage file")
@@ -108,21 +162,17 @@ def test_every_sqlite_error_leaves_as_one_store_error(tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.db"
     garbage.write_bytes(b"not sqlite\n" * 1000)
     with pytest.raises(StoreError) as opened:
-        Store(garbage)
+        SQLiteStore(garbage)
     assert str(opened.value) == (f"the store {garbage} is not a fleetctl store: file is not a database "
                                  "(move it away; fleetctl starts a new one)")
     assert isinstance(opened.value.__cause__, sqlite3.DatabaseError)
-    store = Store.in_state_dir(tmp_path / "state")
-    store.close()
-    with pytest.raises(StoreError, match="was used wrongly") as closed:
-        store.query("SELECT 1")
-    assert isinstance(closed.value.__cause__, sqlite3.ProgrammingError)
+    # A closed store, where the sqlite3 module raises on its own: test_a_closed_store_says_it_was_used_wrongly
 
 
 def _damaged_store(state: Path) -> Path:
     """A store with history whose pages after the first are overwritten: the header and schema
     (page 1) stay valid, so it opens, and the first read or write of a table fails."""
-    store = Store.in_state_dir(state)
+    store = SQLiteStore.in_state_dir(state)
     now = datetime.now(timezone.utc)
     snapshots = [TelemetrySnapshot(agent=f"gpu-{i}", timestamp=now, status="ok",
                                    gpus=[GpuSample(index=0, vendor="nvidia", name="x" * 200)]) for i in range(400)]
