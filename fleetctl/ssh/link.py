@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import paramiko
 
-from fleetctl.errors import TransportError, UnreachableError
+from fleetctl.errors import ConnectTimeout, TransportError, UnreachableError
 from fleetctl.ssh import fastpath
 from fleetctl.ssh.auth import authenticate
 from fleetctl.ssh.errors import PARAMIKO_LOG_CHANNEL, quiet_paramiko, translated
@@ -84,6 +84,14 @@ class Link:
         self.transport: paramiko.Transport | None = None
         try:
             self._open(options, timeout, probe)
+        except TransportError as exc:
+            self.close()
+            if via is not None and not via.is_active and not exc.is_bastion:
+                # The bastion died under this login: its failure, reported once for all its hosts.
+                raise UnreachableError(f"bastion {via.hop.address} went away while reaching {hop.address}",
+                                       hop=via.hop.address, is_bastion=True,
+                                       hint="is the bastion up? its hosts reconnect through it on the next try") from exc
+            raise
         except BaseException:
             self.close()
             raise
@@ -153,7 +161,11 @@ class Link:
                             hint="is the host up and reachable from the bastion?"):
                 return self.transport.open_channel("direct-tcpip", (hop.hostname, hop.port), ("127.0.0.1", 0),
                                                    timeout=max(0.1, deadline - time.monotonic()))
-        except UnreachableError as exc:
+        except (UnreachableError, ConnectTimeout) as exc:
+            if not self.is_active:  # the bastion itself died under the open: its failure, not the host's
+                raise UnreachableError(f"bastion {self.hop.address} went away while reaching {hop.address}",
+                                       hop=self.hop.address, is_bastion=True,
+                                       hint="is the bastion up? its hosts reconnect through it on the next try") from exc
             cause = exc.__cause__
             if isinstance(cause, paramiko.ChannelException) and cause.code == _OPEN_PROHIBITED:
                 raise UnreachableError(f"bastion {self.hop.address} refuses to forward to {hop.address}",
