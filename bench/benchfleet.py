@@ -1,5 +1,6 @@
-"""A bench fleet: many sshd processes, each listening on several loopback ports, one host per port;
-and the baseline of the reference design (one OpenSSH ``ssh`` client process per step)."""
+"""A bench fleet: many sshd processes, each listening on several loopback ports, one host per port,
+optionally all behind one bastion sshd; and the baseline of the reference design (one OpenSSH
+``ssh`` client process per step)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from fleetctl.config import Agent, Inventory
+from fleetctl.config import Agent, Bastion, Inventory
 from fleetctl.gpu_tools import DEFAULT_QUERIES
 from fleetctl.sandbox import sshd
 from fleetctl.sandbox.sandbox import _free_port
@@ -50,7 +51,7 @@ def peak_rss_mib() -> float:
 
 
 class BenchFleet:
-    def __init__(self, directory: Path, count: int, ports_per_sshd: int = 10, gpus: int = 4) -> None:
+    def __init__(self, directory: Path, count: int, ports_per_sshd: int = 10, gpus: int = 4, bastion: bool = False) -> None:
         self.directory = directory
         self.count = count
         self.ports_per_sshd = max(1, min(ports_per_sshd, count, MAX_PORTS_PER_SSHD))
@@ -58,6 +59,21 @@ class BenchFleet:
         self.pids: list[int] = []
         self.hosts: list[tuple[str, int, str]] = []  # (name, port, host key fingerprint)
         self.host_keys: dict[int, str] = {}  # port -> "ssh-ed25519 AAAA..."
+        # With ``bastion``, one more sshd that every host is reached through (it forwards to
+        # 127.0.0.1:PORT). It keeps OpenSSH's default MaxStartups 10:30:100 and MaxSessions 10, as
+        # real bastions do: a client that logs in to it once per host gets connections dropped.
+        self.bastion = bastion
+        self.bastion_port: int | None = None
+
+    @property
+    def bastion_log(self) -> Path:
+        return self.directory / "sshd_bastion.log"
+
+    def bastion_logins(self) -> int:
+        """Logins the bastion's sshd accepted so far (its log, LogLevel INFO)."""
+        if not self.bastion_log.exists():
+            return 0
+        return self.bastion_log.read_text(errors="replace").count("Accepted publickey")
 
     @property
     def client_key(self) -> Path:
@@ -92,20 +108,24 @@ class BenchFleet:
         (self.directory / "tmp").mkdir()
         servers = -(-self.count // self.ports_per_sshd)
         ports: set[int] = set()
-        while len(ports) < servers * self.ports_per_sshd:  # distinct, chosen before any sshd binds
+        while len(ports) < servers * self.ports_per_sshd + self.bastion:  # distinct, chosen before any sshd binds
             ports.add(_free_port())
         chosen = sorted(ports)
+        if self.bastion:
+            self.bastion_port = chosen.pop()
         groups = [chosen[n * self.ports_per_sshd:(n + 1) * self.ports_per_sshd] for n in range(servers)]
         try:
             with ThreadPoolExecutor(8) as pool:
                 started = list(pool.map(lambda n: self._start(n, groups[n], bin_dir, home), range(servers)))
+            if self.bastion_port is not None:
+                self._start_bastion(self.bastion_port)
         except BaseException:
             self.down()
             raise
-        for pid, ports, key_line in started:
+        for pid, listening, key_line in started:
             self.pids.append(pid)
             blob = base64.b64decode(key_line.split()[1])
-            for port in ports:
+            for port in listening:
                 self.hosts.append((f"h{len(self.hosts) + 1:04d}", port, fingerprint(blob)))
                 self.host_keys[port] = key_line
         del self.hosts[self.count:]
@@ -120,9 +140,29 @@ class BenchFleet:
         pid = sshd.start(spec, self.directory, [])
         return pid, ports, " ".join(host_key.with_suffix(".pub").read_text().split()[:2])
 
+    def _start_bastion(self, port: int) -> None:
+        host_key = self.directory / "ssh_host_bastion"
+        sshd.keygen(host_key, "bench-bastion")
+        # allow_forwarding: AllowTcpForwarding yes, and no MaxStartups/MaxSessions lines (OpenSSH's defaults).
+        spec = sshd.SshdSpec(name="bastion", listen=[("127.0.0.1", port)], host_key=host_key,
+                             authorized_keys=self.directory / "authorized_keys", path_dirs=[], environment={},
+                             allow_forwarding=True)
+        self.pids.append(sshd.start(spec, self.directory, []))
+        # Pinned like a host's: in the agents' [agents.bastion] and in the peers' known_hosts.
+        self.host_keys[port] = " ".join(host_key.with_suffix(".pub").read_text().split()[:2])
+
+    def bastion_hop(self) -> Bastion | None:
+        """What every agent names as its bastion (``[agents.bastion]``), its host key pinned."""
+        if self.bastion_port is None:
+            return None
+        blob = base64.b64decode(self.host_keys[self.bastion_port].split()[1])
+        return Bastion(hostname="127.0.0.1", ssh_port=self.bastion_port, ssh_user=getpass.getuser(),
+                       ssh_key_path=str(self.client_key), host_key_fingerprint=fingerprint(blob))
+
     def inventory(self) -> Inventory:
+        bastion = self.bastion_hop()
         agents = [Agent(name=name, hostname="127.0.0.1", ssh_port=port, ssh_user=getpass.getuser(),
-                        ssh_key_path=str(self.client_key), host_key_fingerprint=fp,
+                        ssh_key_path=str(self.client_key), host_key_fingerprint=fp, bastion=bastion,
                         gpu_query_cmd=DEFAULT_QUERIES["nvidia-smi"], connect_timeout_s=30, command_timeout_s=60)
                   for name, port, fp in self.hosts]
         return Inventory(self.directory / "ssh-agents.toml", agents, {})
@@ -148,15 +188,18 @@ class BenchFleet:
     def save(self, path: Path) -> Path:
         path.write_text(json.dumps({"directory": str(self.directory), "count": self.count,
                                     "ports_per_sshd": self.ports_per_sshd, "gpus": self.gpus,
-                                    "hosts": self.hosts, "host_keys": {str(k): v for k, v in self.host_keys.items()}}))
+                                    "hosts": self.hosts, "host_keys": {str(k): v for k, v in self.host_keys.items()},
+                                    "bastion_port": self.bastion_port}))
         return path
 
     @classmethod
     def attach(cls, path: Path) -> BenchFleet:
         spec = json.loads(path.read_text())
-        bench = cls(Path(spec["directory"]), spec["count"], spec["ports_per_sshd"], spec["gpus"])
+        bench = cls(Path(spec["directory"]), spec["count"], spec["ports_per_sshd"], spec["gpus"],
+                    bastion=spec.get("bastion_port") is not None)
         bench.hosts = [(name, port, fp) for name, port, fp in spec["hosts"]]
         bench.host_keys = {int(k): v for k, v in spec["host_keys"].items()}
+        bench.bastion_port = spec.get("bastion_port")
         return bench
 
 

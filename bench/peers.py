@@ -7,6 +7,9 @@ Both are benchmark-only dependencies (``pip install -e '.[bench]'``). Neither is
 fleetctl. Each runner is called in a process of its own (see bench/heartbeat.py), so its CPU time
 and memory are its own.
 
+Behind a bastion (``BenchFleet(bastion=True)``), asyncssh logs in to the bastion once and reaches
+every host over that one connection (``tunnel=``), as fleetctl shares its link to the bastion.
+
 Concurrency: each peer runs at most ``parallel`` heartbeats (and handshakes) at a time, the same
 cap fleetctl's pool has (``max_parallel_ssh``), so round times compare like with like.
 """
@@ -49,10 +52,22 @@ def run_asyncssh(bench: BenchFleet, parallel: int, measure: Measure) -> dict[str
     asyncio.set_event_loop(loop)
     gate = asyncio.Semaphore(parallel)
     conns: dict[str, asyncssh.SSHClientConnection] = {}
+    bastion_lock = asyncio.Lock()
+    bastions: list[asyncssh.SSHClientConnection] = []  # the one shared connection, once open
+
+    async def tunnel() -> asyncssh.SSHClientConnection | None:
+        if bench.bastion_port is None:
+            return None
+        async with bastion_lock:  # the first host opens it, in the first (measured) round
+            if not bastions:
+                bastions.append(await asyncssh.connect(
+                    "127.0.0.1", port=bench.bastion_port, username=user, client_keys=[str(bench.client_key)],
+                    known_hosts=known_hosts, agent_path=None, config=[], connect_timeout=agents[0].connect_timeout_s))
+            return bastions[0]
 
     async def connect(agent: Agent) -> asyncssh.SSHClientConnection:
         # config=[]: no ~/.ssh/config; agent_path=None: only the bench key is offered.
-        return await asyncssh.connect(agent.hostname, port=agent.ssh_port, username=user,
+        return await asyncssh.connect(agent.hostname, port=agent.ssh_port, username=user, tunnel=await tunnel(),
                                       client_keys=[str(bench.client_key)], known_hosts=known_hosts,
                                       agent_path=None, config=[], connect_timeout=agent.connect_timeout_s)
 
@@ -79,6 +94,9 @@ def run_asyncssh(bench: BenchFleet, parallel: int, measure: Measure) -> dict[str
             for conn in conns.values():
                 conn.close()
             await asyncio.gather(*(c.wait_closed() for c in conns.values()), return_exceptions=True)
+            for bastion in bastions:
+                bastion.close()
+                await bastion.wait_closed()
         loop.run_until_complete(close())
         loop.close()
 
