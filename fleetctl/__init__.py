@@ -6,8 +6,6 @@
     >>> fleet.submit(["python3", "train.py"], gpus=2).wait().result
 """
 
-from __future__ import annotations
-
 __version__ = "0.1.0"
 
 from fleetctl.config import Agent, Bastion, Inventory, load_config
@@ -21,7 +19,10 @@ from fleetctl.errors import (
     DriverError,
     FleetError,
     HostKeyError,
+    InvalidQueryError,
     JobError,
+    LeaseLost,
+    NoGpusError,
     OutputTooLarge,
     ParseError,
     RemoteFileError,
@@ -36,7 +37,7 @@ from fleetctl.errors import (
 from fleetctl.fleet import Fleet, HeartbeatRound
 from fleetctl.jobs.api import Job
 from fleetctl.jobs.model import JobRecord, JobResult, JobSpec
-from fleetctl.parsers import InvalidQueryError, NoGpusError, parse_gpu_output
+from fleetctl.parsers import parse_gpu_output
 from fleetctl.registration import Registration, register_ssh
 from fleetctl.telemetry import GpuSample, HostBasics, TelemetrySnapshot
 from fleetctl.transport import CommandResult
@@ -45,7 +46,7 @@ __all__ = [
     "Agent", "AuthError", "Bastion", "CommandFailed", "CommandResult", "CommandTimeout", "ConfigError",
     "ConnectTimeout", "ConnectionLost", "DriverError", "Fleet", "FleetError", "GpuSample", "HeartbeatRound",
     "HostBasics", "HostKeyError", "InvalidQueryError", "Inventory", "Job", "JobError", "JobRecord", "JobResult",
-    "JobSpec", "NoGpusError", "OutputTooLarge", "ParseError", "RemoteFileError", "RemoteFileNotFound",
+    "JobSpec", "LeaseLost", "NoGpusError", "OutputTooLarge", "ParseError", "RemoteFileError", "RemoteFileNotFound",
     "Registration", "SandboxError", "StoreError", "TelemetrySnapshot", "ToolMissingError", "TransportError",
     "UnknownAgentError", "UnreachableError", "__version__", "load_config", "parse_gpu_output", "register_ssh",
 ]

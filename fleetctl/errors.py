@@ -10,14 +10,18 @@
     │   ├── HostKeyError       the host offered a key other than the one pinned or known
     │   ├── CommandTimeout     the command did not finish within its deadline
     │   ├── ConnectionLost     the connection dropped while a command was running
+    │   │   └── SessionUnavailable  (fleetctl.ssh, internal) no kept shell on this host: one exec per command
     │   └── RemoteFileError    a file on the host could not be read or written over SFTP
     │       └── RemoteFileNotFound
     ├── CommandFailed          the host ran the command and it failed (carries the result)
     ├── ParseError             tool output that could not be understood (carries the raw text)
     │   ├── ToolMissingError   the GPU tool is not installed (exit 127)
     │   ├── DriverError        the tool ran but reports a driver/device failure
+    │   ├── NoGpusError        the tool works but found no GPU (a good heartbeat: status no_gpus)
+    │   ├── InvalidQueryError  the query names a field the tool does not know
     │   └── OutputTooLarge     the host sent more than the command's output limit
     ├── SandboxError           the local sandbox fleet could not be started or stopped
+    │   └── PostgresMissing    (fleetctl.sandbox.postgres) no PostgreSQL server binaries here
     ├── StoreError             the store could not be opened, read or written
     ├── LeaseLost              this controller no longer leases the agent it was about to act on
     └── JobError               a queued job could not be placed, run or collected
@@ -132,6 +136,14 @@ class ToolMissingError(ParseError):
 
 class DriverError(ParseError):
     """The GPU tool ran but reports that the driver or device is not usable."""
+
+
+class NoGpusError(ParseError):
+    """The tool works but found no GPU (``No devices were found``)."""
+
+
+class InvalidQueryError(ParseError):
+    """The query names a field the tool does not know: the gpu_query_cmd needs fixing."""
 
 
 class OutputTooLarge(ParseError):

@@ -6,7 +6,7 @@ def test_public_api_is_pinned() -> None:
         "Agent", "AuthError", "Bastion", "CommandFailed", "CommandResult", "CommandTimeout", "ConfigError",
         "ConnectTimeout", "ConnectionLost", "DriverError", "Fleet", "FleetError", "GpuSample", "HeartbeatRound",
         "HostBasics", "HostKeyError", "InvalidQueryError", "Inventory", "Job", "JobError", "JobRecord", "JobResult",
-        "JobSpec", "NoGpusError", "OutputTooLarge", "ParseError", "RemoteFileError", "RemoteFileNotFound",
+        "JobSpec", "LeaseLost", "NoGpusError", "OutputTooLarge", "ParseError", "RemoteFileError", "RemoteFileNotFound",
         "Registration", "SandboxError", "StoreError", "TelemetrySnapshot", "ToolMissingError", "TransportError",
         "UnknownAgentError", "UnreachableError", "__version__", "load_config", "parse_gpu_output", "register_ssh",
     ])

@@ -6,19 +6,10 @@ import functools
 import re
 import shlex
 
-from fleetctl.errors import DriverError, ParseError, ToolMissingError
+from fleetctl.errors import DriverError, InvalidQueryError, NoGpusError, ParseError, ToolMissingError
 from fleetctl.parsers.nvidia import parse_nvidia_csv
 from fleetctl.parsers.rocm import parse_amd_smi, parse_rocm_csv, parse_rocm_json
 from fleetctl.telemetry import GpuSample
-
-
-class NoGpusError(ParseError):
-    """The tool works but found no GPU (``No devices were found``)."""
-
-
-class InvalidQueryError(ParseError):
-    """The query names a field the tool does not know: the gpu_query_cmd needs fixing."""
-
 
 _DRIVER_FAILURES = (
     re.compile(r"couldn't communicate with the NVIDIA driver[^\n]*", re.I),

@@ -31,7 +31,7 @@ else:
     import tomli as tomllib
 
 from fleetctl.config import write_atomically
-from fleetctl.errors import FleetError
+from fleetctl.errors import FleetError, SandboxError
 
 STATE_FILE = "postgres.json"
 SERVICE_USER = "fleetctl-pg"
@@ -52,7 +52,7 @@ log_min_messages = warning
 _HBA = "# fleetctl's private cluster: loopback TCP only, no passwords (nothing else can reach it)\nhost all all 127.0.0.1/32 trust\n"
 
 
-class PostgresMissing(FleetError):
+class PostgresMissing(SandboxError):
     """No PostgreSQL server binaries (initdb, pg_ctl) on this machine."""
 
 
