@@ -35,7 +35,7 @@ def measure_fleetctl(bench: BenchFleet, count: int) -> dict[str, float]:
         fleet.heartbeat()  # twice: agents are online and connections open before timing
         jobs = [fleet.submit(["date", "+%s.%N"]) for _ in range(count)]
         started = time.monotonic()
-        queue = JobQueue(fleet.store)
+        queue = JobQueue(fleet.hosts.store)
         while any(not r.done for r in queue.list(("queued", "dispatching", "running"))) or \
                 len(queue.list(("succeeded",))) < count:
             drive_once(fleet)

@@ -121,7 +121,7 @@ def timed(fn: Any, n: int) -> float:
 def micro(fleet: Fleet, scratch: Path) -> dict[str, float]:
     agent = fleet.inventory.agents[0]
     command = heartbeat_command(agent)
-    result = fleet.connection(agent).run(command, timeout=30)
+    result = fleet.hosts.connection(agent).run(command, timeout=30)
     out: dict[str, float] = {}
     out["snapshot_from_result (whole parse incl. models)"] = timed(lambda: snapshot_from_result(agent, result, 1.0), 2000)
     head = result.stdout.partition("\n\x1efleetctl-rc ")[0].partition("\n")[2]

@@ -50,12 +50,12 @@ class Controller:
         self._pending: list[tuple[TelemetrySnapshot, str, int | None]] = []
         self._pending_lock = threading.Lock()
         # On a store that is not shared (the SQLite file) the state dir's lock already makes this the only controller.
-        self.membership = Membership(fleet.store, fleet.inventory.names(), fleet.settings.lease_s,
-                                     sole=not fleet.store.shared)
+        self.membership = Membership(fleet.hosts.store, fleet.inventory.names(), fleet.settings.lease_s,
+                                     sole=not fleet.hosts.store.shared)
         self._taken: set[str] = set()  # agents leased since the last tick: it reconciles their jobs first
         self._store_away_since: float | None = None  # monotonic time of the first failure in a streak
         self._scheduler = BackgroundScheduler(
-            executors={"default": ThreadPoolExecutor(fleet.max_parallel_ssh), "tick": ThreadPoolExecutor(1),
+            executors={"default": ThreadPoolExecutor(fleet.hosts.max_parallel_ssh), "tick": ThreadPoolExecutor(1),
                        "record": ThreadPoolExecutor(1), "leases": ThreadPoolExecutor(1)},
             job_defaults={"coalesce": True, "max_instances": 1},
             timezone=timezone.utc,
@@ -98,7 +98,7 @@ class Controller:
         for name in change.released:
             with contextlib.suppress(JobLookupError):
                 self._scheduler.remove_job(f"heartbeat:{name}")
-            self.fleet.drop(name)
+            self.fleet.hosts.drop(name)
         taken = [agent for agent in self.fleet.inventory if agent.name in change.acquired]
         now = datetime.now(timezone.utc)
         for position, agent in enumerate(taken):
@@ -164,7 +164,7 @@ class Controller:
             fence = self.membership.fence
             if not fence.holds(agent.name):
                 return  # the lease lapsed (a pause, the store away): not ours to beat until renewed
-            snapshot = self.fleet.heartbeat_one(agent)
+            snapshot = self.fleet.hosts.heartbeat_one(agent)
             if self._stopping.is_set():
                 return  # stop() closed the connection under it: not a real miss
             with self._pending_lock:
@@ -187,7 +187,7 @@ class Controller:
         if not batch:
             return
         try:
-            changes = self.fleet.record(batch, fence)
+            changes = self.fleet.hosts.record(batch, fence)
         except StoreError as exc:
             self._store_trouble(exc, "writing heartbeats")
             return
@@ -223,7 +223,7 @@ class Controller:
         self._stopping.set()
         if self._scheduler.running:
             self._scheduler.shutdown(wait=False)
-        self.fleet.close_connections()
+        self.fleet.hosts.close_connections()
         with self._idle:
             self._idle.wait_for(lambda: self._active == 0, timeout=grace_s)
         if self.failure is None:

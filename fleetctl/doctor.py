@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass
 
 from fleetctl.config import Agent
 from fleetctl.errors import FleetError, TransportError
-from fleetctl.fleet import Fleet
 from fleetctl.gpu_tools import TOOLS
+from fleetctl.hosts import Hosts
 from fleetctl.outcomes import status_of
 from fleetctl.text import one_line
 from fleetctl.transport import Connection, Route
@@ -42,7 +42,7 @@ def _fail(agent: str, check: str, exc: FleetError) -> Check:
     return Check(agent, check, False, one_line(exc.message), exc.hint)
 
 
-def check_agent(fleet: Fleet, agent: Agent) -> list[Check]:
+def check_agent(fleet: Hosts, agent: Agent) -> list[Check]:
     name = agent.name
     try:
         route = fleet.route(name)
@@ -73,7 +73,7 @@ def _hop_failure(name: str, route: Route, exc: TransportError) -> list[Check]:
     return checks
 
 
-def _target_checks(fleet: Fleet, agent: Agent, conn: Connection) -> list[Check]:
+def _target_checks(fleet: Hosts, agent: Agent, conn: Connection) -> list[Check]:
     name = agent.name
     checks: list[Check] = []
     try:
@@ -114,7 +114,7 @@ def _target_checks(fleet: Fleet, agent: Agent, conn: Connection) -> list[Check]:
     return checks
 
 
-def doctor(fleet: Fleet, names: list[str] | None = None) -> list[Check]:
+def doctor(fleet: Hosts, names: list[str] | None = None) -> list[Check]:
     """Every check for the named agents (all by default), agents in parallel on the fleet's pool."""
     agents = fleet.inventory.select(names)
     results = fleet.map_agents(lambda agent: check_agent(fleet, agent), agents)

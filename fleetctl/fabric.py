@@ -4,7 +4,7 @@
     connection(fleet, "gpu-1").run("nvidia-smi -L")
     group(fleet, labels={"gpu_type": "a100*"}).run("uptime")
 
-Each ``fabric.Connection`` is built from the route fleetctl itself uses (``fleet.route(name)``,
+Each ``fabric.Connection`` is built from the route fleetctl itself uses (``fleet.hosts.route(name)``,
 ssh_config already resolved): bastions become nested ``gateway=`` connections, a first-hop
 ProxyCommand becomes Fabric's string gateway, and the same key files are offered. Host keys are
 judged by fleetctl (pins, known_hosts, StrictHostKeyChecking, TOFU into fleetctl's own file), never
@@ -110,7 +110,7 @@ def _build(route: Route, policy: HostKeyPolicy, config: fabric.Config, *, use_ag
 
 
 def _connection(fleet: Fleet, name: str, config: fabric.Config) -> fabric.Connection:
-    conn = _build(fleet.route(name), fleet.connect_options.host_keys, config, use_agent=fleet.connect_options.use_agent)
+    conn = _build(fleet.hosts.route(name), fleet.hosts.connect_options.host_keys, config, use_agent=fleet.hosts.connect_options.use_agent)
     conn.original_host = fleet.inventory.get(name).name
     return conn
 
@@ -127,7 +127,7 @@ def group(fleet_or_inventory: Fleet | Inventory, names: str | Sequence[str] | No
     """A ``fabric.ThreadingGroup`` of the named agents (default: all), narrowed to those whose labels
     match the globs (``{"gpu_type": "a100*"}``), as jobs and ``fleet.run`` select them."""
     fleet = _fleet(fleet_or_inventory)
-    chosen = select(fleet, names, labels)
+    chosen = select(fleet.hosts, names, labels)
     if not chosen:
         if not labels:
             raise ConfigError(f"the inventory {fleet.inventory.path} has no agents", hint="add one with `fleetctl register-ssh`")

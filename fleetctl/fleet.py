@@ -1,38 +1,124 @@
 """``Fleet``: the notebook-facing object, a thin facade over the host core (``hosts.py``: connections,
-heartbeat rounds, fan-out, history, health) and the job queue (``jobs/``). Layers point down only:
-jobs build on :class:`~fleetctl.hosts.Hosts` and never import this module."""
+heartbeat rounds, fan-out, history, health) and the job queue (``jobs/``). It offers what a notebook
+user calls; the library's own layers (serve, the CLI, jobs, doctor) work on ``fleet.hosts``, the
+:class:`~fleetctl.hosts.Hosts` underneath. Layers point down only: jobs build on ``Hosts`` and never
+import this module."""
 
 from __future__ import annotations
 
+import os
+import threading
+from collections.abc import Callable
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from fleetctl import fanout
+from fleetctl.config import Agent, Inventory, load_config
 from fleetctl.hosts import DEFAULT_MAX_PARALLEL_SSH, HeartbeatRound, Hosts
 from fleetctl.jobs.api import Job, jobs_frame, submit
 from fleetctl.jobs.queue import JobQueue
+from fleetctl.settings import ControllerSettings
+from fleetctl.telemetry import TelemetrySnapshot
 
 if TYPE_CHECKING:
+    from typing import Self
+
     import pandas as pd
 
 __all__ = ["DEFAULT_MAX_PARALLEL_SSH", "Fleet", "HeartbeatRound"]
 
 
-class Fleet(Hosts):
-    """The agents of an inventory, the connections to them, and the job queue that runs on them."""
+class Fleet:
+    """The agents of an inventory, the connections to them, and the job queue that runs on them.
 
+    Takes what :class:`~fleetctl.hosts.Hosts` takes: ``state_dir=``, ``max_parallel_ssh=``,
+    ``store=``, ``accept_any_host_key=``, ``connector=`` (e.g. :mod:`fleetctl.testing`'s fake)."""
+
+    def __init__(self, inventory: Inventory, **options: Any) -> None:
+        self.hosts = Hosts(inventory, **options)
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike[str] | None = None, **options: Any) -> Self:
+        """The fleet of an inventory file. With no file there, history and jobs still read from
+        the state dir; heartbeats, submits and anything else that needs agents say "no inventory"."""
+        return cls(load_config(path, missing_ok=True), **options)
+
+    @property
+    def inventory(self) -> Inventory:
+        return self.hosts.inventory
+
+    @property
+    def agents(self) -> list[Agent]:
+        return self.hosts.agents
+
+    @property
+    def settings(self) -> ControllerSettings:
+        """The effective controller settings (``fleetctl config show`` says where each came from)."""
+        return self.hosts.settings
+
+    # -- telemetry -------------------------------------------------------------------------
+    def heartbeat(self, agents: list[str] | None = None, *, record: bool = True,
+                  on_done: Callable[[TelemetrySnapshot], None] | None = None) -> HeartbeatRound:
+        """One round over the fleet (or the named agents), hosts in parallel up to the cap. With
+        ``record`` (the default) the snapshots go to history and advance each agent's health.
+        ``on_done`` is called with each host's snapshot as it arrives (from the pool's threads)."""
+        return self.hosts.heartbeat(agents, record=record, on_done=on_done)
+
+    def heartbeat_each(self, agents: list[str] | None, period: float, stop: threading.Event,
+                       on_done: Callable[[TelemetrySnapshot], None], *, record: bool = True) -> None:
+        """Beat each agent every ``period`` seconds until ``stop`` is set, no host waiting for another."""
+        self.hosts.heartbeat_each(agents, period, stop, on_done, record=record)
+
+    def history(self, since: datetime | str | None = None, agent: str | list[str] | None = None) -> pd.DataFrame:
+        """Recorded telemetry in the CSV schema: ``since`` is ``"1h"``, ``"2d"``, an ISO time or a datetime."""
+        return self.hosts.history(since, agent)
+
+    def health(self) -> pd.DataFrame:
+        """One row per agent: health (online/offline/unknown), misses in a row, last good heartbeat, draining."""
+        return self.hosts.health()
+
+    # -- commands --------------------------------------------------------------------------
+    def run(self, command: list[str] | str, agents: list[str] | str | None = None,
+            labels: dict[str, str] | None = None, timeout: float = fanout.DEFAULT_TIMEOUT_S, *,
+            max_stdout: int = fanout.MAX_STDOUT, max_stderr: int = fanout.MAX_STDERR) -> fanout.FanoutResult:
+        """``command`` (argv, each word quoted; a string runs via ``sh -c``) on every chosen agent in
+        parallel; ``labels`` are globs (``{"gpu_type": "a100*"}``); ``max_stdout``/``max_stderr``
+        bound what is kept per host. Every host's outcome, never raising for one."""
+        return self.hosts.run(command, agents, labels, timeout, max_stdout=max_stdout, max_stderr=max_stderr)
+
+    # -- jobs ------------------------------------------------------------------------------
     def submit(self, command: list[str] | str, **options: Any) -> Job:
         """Queue a job (``gpus=``, ``labels=``, ``payload=``, ``timeout_s=``, ``retries=``, ``outputs=``,
         ``after=``, ``env=``, ``workdir=``, ``agent=``, ``min_free_mem_mib=``, ``name=``, ``priority=``)."""
         self.inventory.require()  # a job needs agents to run on
-        return submit(self, command, **options)
+        return submit(self.hosts, command, **options)
 
     def job(self, job_id: str) -> Job:
-        return Job(self, JobQueue(self.store).get(job_id).id)
+        """The handle of a job already queued (``wait()``, ``result``, ``cancel()``, ``events``)."""
+        return Job(self.hosts, JobQueue(self.hosts.store).get(job_id).id)
 
     def jobs(self, state: str | list[str] | None = None) -> pd.DataFrame:
         """Every job (or those in ``state``), oldest first, one row each."""
         states = [state] if isinstance(state, str) else state
-        return jobs_frame(JobQueue(self.store).list(states))  # type: ignore[arg-type]
+        return jobs_frame(JobQueue(self.hosts.store).list(states))  # type: ignore[arg-type]
 
-    def store_events(self, job_id: str) -> list[tuple[float, str, str | None]]:
-        """A job's history: (epoch seconds, event, detail), oldest first."""
-        return JobQueue(self.store).events(job_id)
+    def drain(self, agent: str, draining: bool = True) -> None:
+        """Running jobs finish; no new ones are placed on ``agent`` until ``drain(agent, False)``."""
+        self.hosts.drain(agent, draining)
+
+    # -- lifetime --------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close every connection and the store."""
+        self.hosts.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _repr_html_(self) -> str:
+        return self.hosts._repr_html_()
+
+    def __repr__(self) -> str:
+        return f"<Fleet of {len(self.inventory)} agents ({self.inventory.path})>"

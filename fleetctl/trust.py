@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from fleetctl.config import edit_inventory
 from fleetctl.errors import HostKeyError
-from fleetctl.fleet import Fleet
+from fleetctl.hosts import Hosts
 from fleetctl.ssh import probe_host_key
 from fleetctl.ssh.hostkeys import hop_files, lookup_name
 from fleetctl.ssh.known_hosts import KnownKey
@@ -36,7 +36,7 @@ class TrustResult:
     where: str  # what was updated
 
 
-def offer(fleet: Fleet, name: str) -> TrustOffer:
+def offer(fleet: Hosts, name: str) -> TrustOffer:
     """Connect (bastions verified as usual), read the key the host offers now; judge nothing yet."""
     agent = fleet.inventory.get(name)
     route = fleet.route(name)
@@ -59,7 +59,7 @@ def offer(fleet: Fleet, name: str) -> TrustOffer:
     return TrustOffer(name, target.address, seen, old, False, trusted)
 
 
-def trust(fleet: Fleet, name: str, confirm: Callable[[TrustOffer], bool]) -> TrustResult:
+def trust(fleet: Hosts, name: str, confirm: Callable[[TrustOffer], bool]) -> TrustResult:
     """Show the offer to ``confirm``; on yes, record the offered key for ``name``."""
     proposal = offer(fleet, name)
     if proposal.already_trusted:

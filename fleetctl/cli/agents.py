@@ -102,7 +102,7 @@ def _age(epoch: float | None) -> str:
 def _statuses(fleet: Fleet) -> dict[str, AgentStatus]:
     """What the store knows of each agent; a store that cannot be read costs only these columns."""
     try:
-        return agent_statuses(fleet.store)
+        return agent_statuses(fleet.hosts.store)
     except FleetError as exc:
         err.print(visible(f"fleetctl: note: health not shown: {one_line(exc)}"))
         return {}
@@ -110,7 +110,7 @@ def _statuses(fleet: Fleet) -> dict[str, AgentStatus]:
 
 def _route_summary(fleet: Fleet, agent: Agent) -> str:
     try:
-        return fleet.route(agent.name).describe()
+        return fleet.hosts.route(agent.name).describe()
     except FleetError as exc:
         return f"cannot resolve: {one_line(exc.message, limit=120)}"
 
@@ -132,7 +132,7 @@ def list_agents(as_json: bool) -> None:
     with Fleet(load_config(s.config_path), state_dir=s.state_path) as fleet:
         statuses = _statuses(fleet)
         agents = list(fleet.inventory)
-        routes = fleet.map_agents(lambda a: _route_summary(fleet, a), agents)  # ssh -G runs in parallel
+        routes = fleet.hosts.map_agents(lambda a: _route_summary(fleet, a), agents)  # ssh -G runs in parallel
         inventory_path = fleet.inventory.path
     if as_json:
         print_json([{**a.model_dump(exclude_none=True), "route": route, **_status_json(statuses.get(a.name))}
@@ -167,7 +167,7 @@ def show_agent(name: str, as_json: bool) -> None:
         agent = fleet.inventory.get(name)
         status = _statuses(fleet).get(name)
         try:
-            route: list[HopView] | str = fleet.describe_route(name)
+            route: list[HopView] | str = fleet.hosts.describe_route(name)
         except FleetError as exc:
             route = one_line(exc)
     data: dict[str, Any] = agent.model_dump(exclude_none=True)

@@ -35,7 +35,7 @@ def controllers_command(show_all: bool, as_json: bool) -> None:
     the agents each leases now and when its lease ends unless renewed."""
     s = settings()
     with Fleet(load_config(s.config_path, missing_ok=True), state_dir=s.state_path) as fleet:
-        store = fleet.store
+        store = fleet.hosts.store
         now = store.now()
         rows = [r for r in controller_rows(store) if show_all or r.live or now - r.expires < RECENT_S]
         unheld = [agent for agent, holder, _token, expires in lease_rows(store) if holder is None or expires <= now]

@@ -106,8 +106,8 @@ def _when(value: object) -> str:
 def list_jobs(states: tuple[str, ...], as_json: bool) -> None:
     """Jobs, highest priority then oldest first."""
     with _fleet(store_only=True) as fleet:
-        refresh_reasons(fleet)  # queued jobs say so when nothing drives the queue
-        records = JobQueue(fleet.store).list(list(states) or None)  # type: ignore[arg-type]
+        refresh_reasons(fleet.hosts)  # queued jobs say so when nothing drives the queue
+        records = JobQueue(fleet.hosts.store).list(list(states) or None)  # type: ignore[arg-type]
     if as_json:
         print_json(records)
         return
@@ -126,8 +126,8 @@ def list_jobs(states: tuple[str, ...], as_json: bool) -> None:
 def show_job(job_id: str, as_json: bool) -> None:
     """One job: its spec, state, result and history of events."""
     with _fleet(store_only=True) as fleet:
-        refresh_reasons(fleet)
-        queue = JobQueue(fleet.store)
+        refresh_reasons(fleet.hosts)
+        queue = JobQueue(fleet.hosts.store)
         record = queue.get(job_id)
         events = queue.events(record.id)
     if as_json:
@@ -205,7 +205,7 @@ def wait_job(job_id: str, timeout: str | None) -> None:
 def cancel_command(job_id: str, force: bool) -> None:
     """Cancel a queued or running job."""
     with _fleet() as fleet:
-        record = cancel_job(fleet, job_id, force=force)
+        record = cancel_job(fleet.hosts, job_id, force=force)
     out.print(f"job {record.id}: {'cancelled' if record.state == 'cancelled' else 'signalled; it ends as cancelled'}",
               markup=False)
 

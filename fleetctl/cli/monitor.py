@@ -54,14 +54,14 @@ def serve_command(no_jobs: bool, metrics_at: str | None) -> None:
     fleet = Fleet(load_config(s.config_path), state_dir=s.state_path)
     # On the SQLite file one serve drives a state dir (the lock); on a shared store several serve
     # together, the leases in the store deciding who drives which agent.
-    shared = fleet.store.shared
-    lock = contextlib.nullcontext(True) if shared else controller_lock(fleet.state_dir, wait_s=30.0)
+    shared = fleet.hosts.store.shared
+    lock = contextlib.nullcontext(True) if shared else controller_lock(fleet.hosts.state_dir, wait_s=30.0)
     with lock as mine:
         if not mine:
-            raise FleetError(f"another fleetctl serve is driving {fleet.state_dir}",
+            raise FleetError(f"another fleetctl serve is driving {fleet.hosts.state_dir}",
                              hint="stop it first, or use another --state-dir")
         # The first tick settles the ``dispatching`` jobs of every agent this controller leases.
-        controller = Controller(fleet, driver=None if no_jobs else Driver(fleet))
+        controller = Controller(fleet, driver=None if no_jobs else Driver(fleet.hosts))
         metrics = None
         if metrics_address is not None:
             if not metrics_address.loopback:
@@ -69,11 +69,11 @@ def serve_command(no_jobs: bool, metrics_at: str | None) -> None:
                           "anyone who can reach it reads the fleet's state", markup=False)
             # A snapshot older than three intervals (a minute at least) is not the present: no GPU values from it.
             longest = max((controller.interval_of(a) for a in fleet.inventory), default=0.0)
-            metrics = serve_metrics(metrics_address, fleet.state_dir, agents=fleet.inventory.names,
-                                    max_age_s=max(60.0, 3 * longest), store_url=fleet.store_url)
+            metrics = serve_metrics(metrics_address, fleet.hosts.state_dir, agents=fleet.inventory.names,
+                                    max_age_s=max(60.0, 3 * longest), store_url=fleet.hosts.store_url)
             err.print(f"fleetctl serve: metrics on {metrics.url}", markup=False)
         stop = _stop_on_signals()
-        where = f"store {fleet.store.label}, controller {controller.id}" if shared else f"state in {fleet.state_dir}"
+        where = f"store {fleet.hosts.store.label}, controller {controller.id}" if shared else f"state in {fleet.hosts.state_dir}"
         err.print(f"fleetctl serve: {len(fleet.inventory)} agents, {where}; Ctrl-C to stop", markup=False)
         try:
             controller.run_until(stop)
@@ -169,7 +169,7 @@ def _live_top(fleet: Fleet, names: list[str] | None, period: float, stop: thread
     finally:
         stop.set()
         # In-flight commands fail at once, so the round thread ends before the fleet closes under it.
-        fleet.close_connections()
+        fleet.hosts.close_connections()
         if rounds.thread.is_alive():
             rounds.thread.join(timeout=10)
     if rounds.failure is not None:
@@ -217,7 +217,7 @@ def export_command(csv_path: str, since: str | None, agents: tuple[str, ...]) ->
     """Export history in the heartbeat CSV schema (one row per GPU per heartbeat)."""
     s = settings()
     with Fleet(load_config(s.config_path, missing_ok=True), state_dir=s.state_path) as fleet:
-        known = set(fleet.inventory.names()) | set(fleet.store_agents())
+        known = set(fleet.inventory.names()) | set(fleet.hosts.store_agents())
         for name in agents:
             if name not in known:
                 raise UnknownAgentError(f"no agent named {name!r} in {fleet.inventory.path} or in history",

@@ -31,7 +31,7 @@ def doctor_command(names: tuple[str, ...], as_json: bool) -> None:
     host key, login, forwarding on bastions, then the GPU tool, driver, MIG mode, a temp dir for
     jobs and SFTP on the host. One line per check, with the fix. Exit 0 if all pass, 3 if not."""
     with _fleet() as fleet:
-        checks = doctor(fleet, list(names) or None)
+        checks = doctor(fleet.hosts, list(names) or None)
     if as_json:
         print_json([c.to_dict() for c in checks])
     else:
@@ -66,7 +66,7 @@ def trust_command(name: str, yes: bool) -> None:
         return click.confirm("Trust the offered key?", default=False, err=True)
 
     with _fleet() as fleet:
-        result = trust(fleet, name, confirm)
+        result = trust(fleet.hosts, name, confirm)
     if result.where == "already trusted":
         out.print(f"{name}: the offered key is already trusted; nothing changed", markup=False)
     elif result.changed:

@@ -41,7 +41,7 @@ def run_command(agents: tuple[str, ...], labels: tuple[str, ...], timeout: float
     s = settings()
     patterns = parse_labels(labels)
     with Fleet(load_config(s.config_path), state_dir=s.state_path) as fleet:
-        if not select(fleet, list(agents) or None, patterns):
+        if not select(fleet.hosts, list(agents) or None, patterns):
             wanted = ", ".join(f"{k}={v}" for k, v in patterns.items())
             what = f"no agent has labels matching {wanted}" if wanted else f"no agents in {fleet.inventory.path}"
             raise ConfigError(what, hint="see `fleetctl agents list`")

@@ -57,7 +57,7 @@ def test_cron_heartbeats_see_every_host_and_log_in_to_each_bastion_once(bastion_
 
 def test_a_restarted_bastion_is_one_reconnect_for_every_host_behind_it(bastion_fleet: Sandbox) -> None:
     with Fleet.from_config(bastion_fleet.inventory_path) as fleet:
-        fleet.connect_options.hop_retry_after_s = 0.2  # the test waits for the retry, not 5 s
+        fleet.hosts.connect_options.hop_retry_after_s = 0.2  # the test waits for the retry, not 5 s
         first = fleet.heartbeat(record=False)
         assert {s.status for s in first} == {"ok"}
         bastion_fleet.stop_host("bastion-1")
@@ -95,7 +95,7 @@ def test_hosts_behind_the_bastion_are_read_by_the_shared_reader(bastion_fleet: S
         assert {s.status for s in fleet.heartbeat(record=False)} == {"ok"}
 
         def transports() -> list[object]:
-            return [fleet.connection(agent)._transport for agent in fleet.agents]  # type: ignore[attr-defined]
+            return [fleet.hosts.connection(agent)._transport for agent in fleet.agents]  # type: ignore[attr-defined]
 
         def all_handed_over() -> bool:
             fleet.heartbeat(record=False)  # packets drive the hand-over: each loop looks before it reads

@@ -75,7 +75,7 @@ def test_through_bastions_as_nested_gateways(fleet: Fleet, name: str, bastions: 
         while isinstance(hop, fabric.Connection):
             chain.append(hop)
             hop = hop.gateway
-        route = fleet.route(name)
+        route = fleet.hosts.route(name)
         assert [(g.host, g.port) for g in reversed(chain)] == [(h.hostname, h.port) for h in route.bastions]
         assert len(chain) == bastions
         for gateway in chain:  # every bastion judged by fleetctl too
@@ -134,7 +134,7 @@ def test_first_contact_is_recorded_in_fleetctls_known_hosts(fleet_sandbox: Sandb
                                                             isolated_env: Path) -> None:
     state = tmp_path / "state"
     fleet = Fleet(load_config(_inventory_with(fleet_sandbox, tmp_path, "direct-nv", None)), state_dir=state)
-    route = fleet.route("direct-nv")
+    route = fleet.hosts.route("direct-nv")
     assert route.target.fingerprint is None
     with connection(fleet, "direct-nv") as c:
         assert c.run("true", hide=True).ok

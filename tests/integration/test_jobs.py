@@ -16,6 +16,7 @@ from fleetctl.fleet import Fleet
 from fleetctl.jobs.api import drive_once
 from fleetctl.jobs.driver import controller_lock
 from fleetctl.jobs.model import JobRecord
+from fleetctl.jobs.queue import JobQueue
 from fleetctl.sandbox import HostSpec, Sandbox
 from tests.conftest import require_sshd, run_cli
 
@@ -159,7 +160,7 @@ def test_host_lost_then_back_records_the_late_result_and_reports_the_duplicate(t
         assert _drive_until(fleet, retried.id, lambda r: r.done).agent == "one"  # the retry ran on 'one'
         two_hosts.restart_host("two")
         events = _drive_until(fleet, retried.id, lambda r: any(
-            e == "duplicate" for _, e, _ in fleet.store_events(r.id)), timeout=30)
+            e == "duplicate" for _, e, _ in JobQueue(fleet.hosts.store).events(r.id)), timeout=30)
         assert events.state == "succeeded"
 
 

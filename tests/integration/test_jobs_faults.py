@@ -17,6 +17,7 @@ import pytest
 from fleetctl.fleet import Fleet
 from fleetctl.jobs.api import drive_once
 from fleetctl.jobs.driver import no_controller_reason
+from fleetctl.jobs.queue import JobQueue
 from fleetctl.sandbox import HostSpec, Sandbox
 from tests.conftest import require_sshd, run_cli
 from tests.integration.test_jobs import CONTROLLER, _drive_until
@@ -57,7 +58,7 @@ def _until(what: str, check: object, timeout: float = 30) -> None:
 
 
 def _events(fleet: Fleet, job_id: str) -> list[str]:
-    return [event for _, event, _ in fleet.store_events(job_id)]
+    return [event for _, event, _ in JobQueue(fleet.hosts.store).events(job_id)]
 
 
 def test_partition_without_retries_is_lost_provisionally_then_succeeds_and_the_child_runs(

@@ -90,9 +90,9 @@ def test_store_setting_order_is_inventory_then_environment_then_flag(monkeypatch
     monkeypatch.setenv(STORE_ENV, "")  # empty counts as unset
     assert store_url(None, "postgresql://file") == "postgresql://file"
     inventory = Inventory(tmp_path / "a.toml", [], {}, ControllerSettings(store="postgresql://file"))
-    assert Fleet(inventory, state_dir=tmp_path).store_url == "postgresql://file"
-    assert Fleet(inventory, state_dir=tmp_path, store="postgresql://flag").store_url == "postgresql://flag"
-    assert Fleet(Inventory(tmp_path / "a.toml", [], {}), state_dir=tmp_path).store_url is None
+    assert Fleet(inventory, state_dir=tmp_path).hosts.store_url == "postgresql://file"
+    assert Fleet(inventory, state_dir=tmp_path, store="postgresql://flag").hosts.store_url == "postgresql://flag"
+    assert Fleet(Inventory(tmp_path / "a.toml", [], {}), state_dir=tmp_path).hosts.store_url is None
 
 
 def test_errors_are_one_line_naming_the_store_without_its_password(postgres_cluster: PostgresCluster, tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ def test_serve_beats_every_agent_and_stops_cleanly_on_sigterm(own_sandbox: Sandb
         deadline = time.monotonic() + 20
         fleet = Fleet.from_config(config, state_dir=state)
         while time.monotonic() < deadline:
-            if (fleet.store_url or (state / "fleetctl.db").exists()) and len(fleet.history()) >= 3 * 2:
+            if (fleet.hosts.store_url or (state / "fleetctl.db").exists()) and len(fleet.history()) >= 3 * 2:
                 break
             time.sleep(0.2)
         own_sandbox.stop_host("solo")  # the host goes away: 3 misses later it is offline

@@ -158,14 +158,14 @@ def test_serve_writes_beats_in_batches_and_loses_none_when_it_stops(tmp_path: Pa
     fleet = Fleet(Inventory(tmp_path / "a.toml", agents, {}), state_dir=tmp_path,
                   connector=lambda route: ScriptedConnection(route, default=HEARTBEAT_OUTPUT))
     writes: list[int] = []
-    record = fleet.record
-    fleet.record = lambda batch, fence=None: (writes.append(len(batch)), record(batch, fence))[1]  # type: ignore[method-assign]
+    record = fleet.hosts.record
+    fleet.hosts.record = lambda batch, fence=None: (writes.append(len(batch)), record(batch, fence))[1]  # type: ignore[method-assign]
     controller = Controller(fleet)
     stop = threading.Event()
     timer = threading.Timer(1.5, stop.set)
     timer.start()
     controller.run_until(stop)
-    store = open_store(fleet.store_url, tmp_path)
+    store = open_store(fleet.hosts.store_url, tmp_path)
     try:
         rows = store.query("SELECT count(*) FROM telemetry")[0][0]
     finally:

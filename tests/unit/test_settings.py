@@ -131,12 +131,12 @@ def test_store_url_and_fleet_read_the_same_layers(tmp_path: Path, monkeypatch: p
     monkeypatch.delenv("FLEETCTL_STORE", raising=False)
     inventory = _inventory(tmp_path)
     fleet = Fleet(inventory, state_dir=tmp_path / "state", max_parallel_ssh=3)
-    assert (fleet.store_url, fleet.max_parallel_ssh) == ("postgresql://file/db", 3)
-    assert fleet.layered.source("max_parallel_ssh") == "flag --max-parallel-ssh"
+    assert (fleet.hosts.store_url, fleet.hosts.max_parallel_ssh) == ("postgresql://file/db", 3)
+    assert fleet.hosts.layered.source("max_parallel_ssh") == "flag --max-parallel-ssh"
     monkeypatch.setenv("FLEETCTL_STORE", "postgresql://env/db")
     assert store_url(None, "postgresql://file/db") == "postgresql://env/db"
-    assert Fleet(inventory, state_dir=tmp_path / "state").layered.source("store") == "env FLEETCTL_STORE"
-    assert Fleet(Inventory(tmp_path / "none.toml", [], {}), state_dir=tmp_path / "state", max_parallel_ssh=0).max_parallel_ssh == 32
+    assert Fleet(inventory, state_dir=tmp_path / "state").hosts.layered.source("store") == "env FLEETCTL_STORE"
+    assert Fleet(Inventory(tmp_path / "none.toml", [], {}), state_dir=tmp_path / "state", max_parallel_ssh=0).hosts.max_parallel_ssh == 32
 
 
 def test_the_ssh_config_file_comes_through_the_layers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
