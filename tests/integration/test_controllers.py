@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +23,7 @@ from fleetctl.sandbox import HostSpec, Sandbox
 from fleetctl.store import Store, open_store
 from fleetctl.store.postgres import IDLE_IN_TRANSACTION_MS
 from tests.conftest import require_sshd, run_cli
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.postgres
 
@@ -44,13 +45,6 @@ def six_hosts(tmp_path: Path) -> Iterator[Sandbox]:
     sandbox.up()
     yield sandbox
     sandbox.down()
-
-
-def wait_for(what: str, condition: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def count(store: Store, sql: str, params: tuple[object, ...] = ()) -> int:

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from fleetctl.jobs.queue import JobQueue
 from fleetctl.sandbox import HostSpec, Sandbox
 from tests.conftest import require_sshd, run_cli
 from tests.integration.test_jobs import CONTROLLER, _drive_until
+from tests.waiting import wait_for
 
 # The job appends its attempt number to a marker file: the sandbox hosts share this filesystem.
 COUNTED = ('a=$(python3 -c "import json, os; print(json.load(open(os.environ[\'FLEETCTL_JOB_FILE\']))[\'attempt\'])"); '
@@ -49,12 +49,7 @@ def _fleet(sandbox: Sandbox, tmp_path: Path, extra: str = "") -> Fleet:
 
 
 def _until(what: str, check: object, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if callable(check) and check():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    wait_for(what, check, timeout)  # type: ignore[arg-type]
 
 
 def _events(fleet: Fleet, job_id: str) -> list[str]:

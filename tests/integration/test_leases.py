@@ -16,6 +16,7 @@ from fleetctl.jobs.queue import JobQueue
 from fleetctl.leases import Fence, Membership, assign, controller_rows, live_controllers, rendezvous_owner
 from fleetctl.store import Store
 from fleetctl.telemetry import TelemetrySnapshot
+from tests.waiting import wait_for
 
 AGENTS = [f"gpu-{n:02d}" for n in range(20)]
 
@@ -28,10 +29,7 @@ def settle(*members: Membership) -> None:
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
+    wait_for("the condition", condition, timeout)
 
 
 def snapshot(agent: str) -> TelemetrySnapshot:

@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -31,6 +30,7 @@ from fleetctl.sandbox import HostSpec, Sandbox
 from fleetctl.store import SQLiteStore
 from fleetctl.telemetry import GpuSample, TelemetrySnapshot
 from tests.conftest import require_sshd, run_cli
+from tests.waiting import poll
 
 T = TypeVar("T")
 GPU_SERIES = ("DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_FB_FREE", "DCGM_FI_DEV_GPU_TEMP",
@@ -40,14 +40,7 @@ HOSTS = {"m-nv": 2, "m-amd": 2}  # agent -> GPUs; "m-gone" is stopped after star
 
 def _until(what: str, probe: Callable[[], T | None], timeout: float = 60.0) -> T:
     """Poll ``probe`` until it returns something, or fail naming ``what``."""
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last is not None:
-            return last
-        time.sleep(0.25)
-    pytest.fail(f"timed out waiting for {what}")
+    return poll(what, probe, timeout, interval=0.25)
 
 
 def _get(url: str) -> str | None:

@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -32,18 +31,14 @@ from fleetctl.ssh.loop import MAX_PACKET, Transport
 from fleetctl.ssh.reader import shared_reader
 from fleetctl.transport import Hop, Route
 from tests.conftest import require_sshd
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.no_store,
               pytest.mark.skipif(not fastpath.enabled(), reason="the shared reader is the fast path: off on stock paramiko")]
 
 
 def _wait_for(predicate: object, deadline_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(0.02)
-    return False
+    return wait_until(predicate, deadline_s, interval=0.02)  # type: ignore[arg-type]
 
 
 def test_a_direct_connection_is_read_by_the_shared_reader_after_login(fleet_sandbox: Sandbox) -> None:
