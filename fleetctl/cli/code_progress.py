@@ -37,7 +37,8 @@ class TerminalCodeProgress:
             self._bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TextColumn("{task.fields[files]}"),
                                  TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=True,
                                  redirect_stdout=False, redirect_stderr=False)
-            self._task = self._bar.add_task(self._what, total=self._totals[0] or 1, files="")
+            self._task = self._bar.add_task(self._what, total=self._totals[0] or 1, completed=self._done[0],
+                                            files=f"{self._done[1]}/{self._totals[1]} files")
             self._bar.start()
         if self._bar is not None and self._task is not None:
             self._bar.update(self._task, completed=self._done[0], files=f"{self._done[1]}/{self._totals[1]} files")

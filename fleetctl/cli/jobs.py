@@ -140,7 +140,10 @@ def show_job(job_id: str, as_json: bool) -> None:
                     "events": [{"ts": iso_utc(t), "event": e, "detail": d} for t, e, d in events]})
         return
     out.print(f"job {record.id} ({visible(record.name or 'unnamed')}): {record.state}")
-    for label, value in (("command", " ".join(record.spec.command)), ("agent", record.agent), ("gpu indices", ",".join(record.gpus)),
+    code = record.spec.code
+    for label, value in (("command", " ".join(record.spec.command)),
+                         ("code", f"{code.files} files ({code.bytes} bytes) from {code.source}, snapshot {code.manifest[:12]}" if code else None),
+                         ("agent", record.agent), ("gpu indices", ",".join(record.gpus)),
                          ("attempt", record.attempt), ("remote dir", record.remote_dir), ("reason", record.reason),
                          ("exit code", record.exit_code), ("output", json.dumps(record.result.output) if record.result else None),
                          ("logs", record.result.stdout_path if record.result else None)):

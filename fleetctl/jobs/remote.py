@@ -66,8 +66,10 @@ def gpu_environment(vendor: str, gpu_ids: list[str]) -> dict[str, str]:
 
 
 def wrapper_script(job_id: str, remote_dir: str, spec: JobSpec, gpu_env: dict[str, str],
-                   kill_grace_s: int = KILL_GRACE_S) -> str:
-    """``run.sh``: start the command in a session of its own, wait, write result.json atomically."""
+                   kill_grace_s: int = KILL_GRACE_S, prepare: str = "") -> str:
+    """``run.sh``: start the command in a session of its own, wait, write result.json atomically.
+    ``prepare``: a command run first (a job with code: building its tree); if it fails, the command
+    does not run and the job ends with exit code 126 and the reason in stderr.log."""
     env = {**spec.env, **gpu_env}
     exports = "\n".join(f"export {name}={shlex.quote(value)}" for name, value in env.items())
     command = " ".join(shlex.quote(word) for word in spec.command)
@@ -84,7 +86,7 @@ echo $$ > "$d/wrapper"
 export FLEETCTL_JOB_ID={shlex.quote(job_id)} FLEETCTL_JOB_FILE="$d/job.json" FLEETCTL_OUTPUT_FILE="$d/output.json"{code_dir}
 {exports}
 started=$(date +%s)
-if {_cd(spec)} 2>"$d/stderr.log"; then
+if {prepare + " && " if prepare else ""}{_cd(spec)} 2>"$d/stderr.log"; then
   setsid {command} >"$d/stdout.log" 2>"$d/stderr.log" </dev/null &
   child=$!
   echo "$child" > "$d/pgid"

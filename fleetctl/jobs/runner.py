@@ -46,7 +46,7 @@ from fleetctl.transport import Connection
 log = logging.getLogger("fleetctl.jobs")
 LOG_TAIL_BYTES = 10 * 1024 * 1024
 STARTING_GRACE_S = 120.0
-CODE_BUILD_TIMEOUT_S = 300.0  # building a tree of many files on a slow disk takes longer than a plain command
+CODE_BUILD_TIMEOUT_S = 300.0  # unpacking an upload of many files on a slow disk takes longer than a plain command
 EXEC_RAN = ("ok", "no_gpus", "tool_missing", "driver_error")  # the heartbeat exec ran, so its job scan is valid
 _FAILPOINT = os.environ.get("FLEETCTL_FAILPOINT", "")  # test hook: die at a named step
 
@@ -444,16 +444,18 @@ class JobRunner:
         vendor = gpus[0].vendor if gpus else "nvidia"
         ids = [g.uuid if vendor == "nvidia" and g.uuid else str(g.index) for g in gpus]
         gpu_env = gpu_environment(vendor, ids) if gpus else {}
-        if job.spec.code is not None:  # the tree first: a directory with job.json and run.sh is ready to launch
+        prepare = ""
+        if job.spec.code is not None:  # the code first: a directory with job.json and run.sh is ready to launch
             agent = self._agent(job.agent)
             sent = send_code(conn, remote_dir, job.spec.code, CodeStore(self.fleet.state_dir), self.fleet.settings,
                              agent=job.agent or "", timeout=max(agent.command_timeout_s if agent else 0.0, CODE_BUILD_TIMEOUT_S))
             self.queue.note(job.id, "code_sent", sent.describe(job.agent or ""), agent=job.agent)
+            prepare = sent.build  # the job's own tree is built by its wrapper on the host, off the dispatch's path
         document = {"id": job.id, "name": job.spec.name, "command": job.spec.command, "env": job.spec.env,
                     "payload": job.spec.payload, "gpus": ids, "timeout_s": job.spec.timeout_s, "attempt": job.attempt}
         conn.write_bytes(f"{remote_dir}/job.json", json.dumps(document, indent=1).encode())
         conn.write_bytes(f"{remote_dir}/run.sh", wrapper_script(job.id, remote_dir, job.spec, gpu_env,
-                                                                    self.fleet.settings.kill_grace_s).encode())
+                                                                    self.fleet.settings.kill_grace_s, prepare).encode())
         _failpoint("after-upload")
 
     def _still_mine(self, agent: str, token: int | None) -> None:

@@ -1,11 +1,11 @@
 """Sending a job's code snapshot to its host at dispatch, over the connection's SFTP and exec.
 
-Per dispatch: one SFTP write (``code.tar``: the tree and the keys it needs) and one command that
-builds the tree from the host's cache. Only when the cache lacks blobs does that command list them;
-they then go as tar archives of about :data:`ARCHIVE_BYTES` each (many small files cost one SFTP
-write per archive, not one per file; a big file is cut in parts, so memory stays bounded and the
-progress moves), and the command runs again to unpack them and build. An unchanged tree sends no
-content at all; a tree with one changed file sends that file."""
+Per dispatch of an unchanged tree: one command, which finds the tree ready in the host's cache. The
+first time a host sees a tree, the tree's archive (kept since submit, ``code.tgz``: hard links and the
+keys it needs) goes over SFTP; only the blobs the cache lacks follow, as tar archives of about
+:data:`ARCHIVE_BYTES` each (many small files cost one SFTP write per archive, not one per file; a big
+file is cut in parts, so memory stays bounded and the progress moves). A tree with one changed file
+sends that file. The job's wrapper builds its own tree from the cache on the host (``SendStats.build``)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from fleetctl.config import ControllerSettings
 from fleetctl.errors import CodeError, TransportError
-from fleetctl.jobs.code.host import MISSING, build_command, tree_name, upload_name
-from fleetctl.jobs.code.manifest import Entry, blob_archive, tree_archive
+from fleetctl.jobs.code.host import MISSING, NEED_TREE, code_command, tree_name, upload_name
+from fleetctl.jobs.code.manifest import Entry, blob_archive
 from fleetctl.jobs.code.progress import CodeProgress, current
 from fleetctl.jobs.code.store import CodeStore, human_bytes
 from fleetctl.jobs.model import CodeRef
@@ -28,56 +28,58 @@ ARCHIVE_BYTES = 8 * 1024 * 1024
 
 @dataclass(frozen=True)
 class SendStats:
-    """What one dispatch sent: content bytes (of files) and the bytes the archives took on the wire."""
+    """What one dispatch sent, and the command the job's wrapper runs to build its tree."""
 
     files: int
-    blobs: int
     blobs_sent: int
-    bytes_sent: int
-    wire_bytes: int
-    how: str  # linked (hard links into the host's cache) or copied
+    blobs: int | None  # how many the tree needs (known only when some were missing)
+    bytes_sent: int  # file content
+    wire_bytes: int  # archives as written, the tree's included
     seconds: float
+    build: str  # for run.sh: builds $d/code from the cache, before the command starts
 
     def describe(self, agent: str) -> str:
         sent = (f"{self.blobs_sent} of {self.blobs} blobs sent ({human_bytes(self.bytes_sent)})" if self.blobs_sent
-                else f"nothing sent, {agent} had all {self.blobs} blobs")
-        return f"code: {self.files} files; {sent}; tree {self.how} in {self.seconds:.2f}s"
+                else f"no content sent, {agent} had every blob")
+        return f"code: {self.files} files; {sent}; {human_bytes(self.wire_bytes)} written in {self.seconds:.2f}s"
 
 
 def send_code(conn: Connection, remote_dir: str, code: CodeRef, store: CodeStore, settings: ControllerSettings, *,
               agent: str, timeout: float, progress: CodeProgress | None = None) -> SendStats:
-    """Build ``remote_dir``/code on the host from ``code``'s snapshot. Raises :class:`CodeError` if
-    the snapshot is gone or the host cannot build the tree (the job cannot run there as it is), a
-    ``TransportError`` if the host could not be reached or lost blobs meanwhile (the dispatch is retried)."""
+    """Make sure the host's cache holds ``code``'s tree and every blob it needs. Raises
+    :class:`CodeError` if the snapshot is gone or the host cannot hold it (the job cannot run there as
+    it is), a ``TransportError`` if the host could not be reached or lost blobs meanwhile (the
+    dispatch is retried)."""
     started = time.monotonic()
-    manifest = store.manifest(code.manifest)
-    blobs = manifest.blobs()
-    tree = tree_archive(manifest)
-    conn.write_bytes(tree_name(remote_dir), tree)
 
-    def build(step: str) -> tuple[int, str, str]:
-        command = build_command(remote_dir, code.manifest, step, now=time.time(),
-                                prune_every_s=settings.code_cache_prune_interval_s,
-                                max_age_s=settings.code_cache_max_age_s, max_bytes=settings.code_cache_max_bytes,
-                                tree=settings.code_tree)
+    def step(name: str) -> tuple[int, str, str]:
+        command = code_command(remote_dir, code.manifest, name, now=time.time(), prune_every_s=settings.code_cache_prune_interval_s,
+                               max_age_s=settings.code_cache_max_age_s, max_bytes=settings.code_cache_max_bytes)
         result = conn.run(command, timeout=timeout)
         return result.exit_code, result.stdout, result.stderr
 
-    code_, stdout, stderr = build("first")
+    status, stdout, stderr = step("check")
+    wire = 0
+    if status == NEED_TREE:  # the host has never held this tree (or pruned it): the archive kept since submit
+        tree = store.tree(code.manifest)
+        conn.write_bytes(tree_name(remote_dir), tree)
+        wire += len(tree)
+        status, stdout, stderr = step("check")
     sent: list[Entry] = []
-    wire = len(tree)
-    if code_ == MISSING:
-        sent = _lacking(stdout, blobs, agent)
+    blobs: int | None = None
+    if status == MISSING:
+        needed = store.manifest(code.manifest).blobs()
+        blobs = len(needed)
+        sent = _lacking(stdout, needed, agent)
         wire += _upload(conn, remote_dir, sent, store, progress or current(), agent)
-        code_, stdout, stderr = build("upload")
-        if code_ == MISSING:
+        status, stdout, stderr = step("upload")
+        if status == MISSING:
             raise TransportError(f"{agent} lost blobs of the job's code while it was being sent (its cache was pruned meanwhile?)",
                                  hop=agent)
-    if code_ != 0:
-        raise CodeError(f"cannot build the job's code tree on {agent}: {one_line(stderr) or f'exit {code_}'}")
-    how = stdout.strip().rsplit(" ", 1)[-1] if stdout.strip().startswith("code ") else "built"
-    return SendStats(len(manifest.files), len(blobs), len(sent), sum(e.size for e in sent), wire, how,
-                     time.monotonic() - started)
+    if status != 0:
+        raise CodeError(f"cannot keep the job's code on {agent}: {one_line(stderr) or f'exit {status}'}")
+    build = code_command(remote_dir, code.manifest, "build", tree=settings.code_tree)
+    return SendStats(code.files, len(sent), blobs, sum(e.size for e in sent), wire, time.monotonic() - started, build)
 
 
 def _lacking(stdout: str, blobs: dict[str, Entry], agent: str) -> list[Entry]:
