@@ -281,3 +281,11 @@ def test_progress_is_drawn_only_once_a_phase_lasts_a_moment() -> None:
     quick.advance(10, 1)
     assert not quick.shown
     assert not TerminalCodeProgress(after_s=0.0).enabled  # stderr is no terminal under pytest: nothing drawn
+
+
+def test_an_empty_tree_is_ready_at_once_and_builds_an_empty_directory(tmp_path: Path) -> None:
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "code.tgz").write_bytes(gzip.compress(tree_archive(Manifest(()))))
+    assert _host(tmp_path, job, "check").stdout.strip() == "code ready"
+    assert _host(tmp_path, job, "build").returncode == 0 and list((job / "code").iterdir()) == []
