@@ -86,7 +86,7 @@ echo $$ > "$d/wrapper"
 export FLEETCTL_JOB_ID={shlex.quote(job_id)} FLEETCTL_JOB_FILE="$d/job.json" FLEETCTL_OUTPUT_FILE="$d/output.json"{code_dir}
 {exports}
 started=$(date +%s)
-if {prepare + " && " if prepare else ""}{_cd(spec)} 2>"$d/stderr.log"; then
+if {f"{{ {prepare} && {_cd(spec)}; }}" if prepare else _cd(spec)} 2>"$d/stderr.log"; then
   setsid {command} >"$d/stdout.log" 2>"$d/stderr.log" </dev/null &
   child=$!
   echo "$child" > "$d/pgid"

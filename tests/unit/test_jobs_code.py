@@ -289,3 +289,18 @@ def test_an_empty_tree_is_ready_at_once_and_builds_an_empty_directory(tmp_path: 
     (job / "code.tgz").write_bytes(gzip.compress(tree_archive(Manifest(()))))
     assert _host(tmp_path, job, "check").stdout.strip() == "code ready"
     assert _host(tmp_path, job, "build").returncode == 0 and list((job / "code").iterdir()) == []
+
+
+def test_a_tree_that_cannot_be_built_ends_the_job_with_126_and_says_why(tmp_path: Path) -> None:
+    from fleetctl.jobs.model import JobSpec
+    from fleetctl.jobs.remote import wrapper_script
+
+    spec = JobSpec(command=["echo", "never runs"], code=CodeRef(manifest="0" * 64, files=0, bytes=0, source="/src"))
+    job = tmp_path / "job"
+    job.mkdir()
+    prepare = code_command(str(job), "0" * 64, "build")  # no cache there: the tree is gone
+    (job / "run.sh").write_text(wrapper_script("j1", str(job), spec, {}, prepare=prepare))
+    subprocess.run(["sh", str(job / "run.sh")], env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}, timeout=60, check=True)
+    assert '"exit_code": 126' in (job / "result.json").read_text()
+    assert "fleetctl: the job's code tree is gone from the cache" in (job / "stderr.log").read_text()
+    assert not (job / "stdout.log").exists()
