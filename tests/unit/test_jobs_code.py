@@ -304,3 +304,27 @@ def test_a_tree_that_cannot_be_built_ends_the_job_with_126_and_says_why(tmp_path
     assert '"exit_code": 126' in (job / "result.json").read_text()
     assert "fleetctl: the job's code tree is gone from the cache" in (job / "stderr.log").read_text()
     assert not (job / "stdout.log").exists()
+
+
+def test_an_unchanged_file_is_not_read_again_and_a_changed_one_always_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fleetctl.jobs.code.snapshot as snapshot
+
+    code, store = tmp_path / "code", CodeStore(tmp_path / "state")
+    code.mkdir()
+    for name in ("old.py", "fresh.py"):
+        (code / name).write_text(f"{name}\n")
+    long_ago = time.time() - 3600
+    os.utime(code / "old.py", (long_ago, long_ago))
+    read: list[str] = []
+    digest = snapshot.file_digest
+    monkeypatch.setattr(snapshot, "file_digest", lambda path: read.append(Path(path).name) or digest(path))
+    first = take_snapshot(code, store, 10**9)
+    assert sorted(read) == ["fresh.py", "old.py"]
+    read.clear()
+    assert take_snapshot(code, store, 10**9) == first
+    assert read == ["fresh.py"]  # modified within the last seconds: hashed again, as git treats a racily clean file
+    (code / "old.py").write_text("new.py\n")  # same size, same mtime set back: the ctime still tells
+    os.utime(code / "old.py", (long_ago, long_ago))
+    read.clear()
+    changed = take_snapshot(code, store, 10**9)
+    assert "old.py" in read and changed.manifest != first.manifest

@@ -10,10 +10,14 @@ fifo or a build directory full of symlinks costs nothing."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fleetctl.errors import CodeError
 from fleetctl.jobs.code.ignores import IgnoreRules, listdir_sorted, read_lines, rules_for
@@ -23,6 +27,8 @@ from fleetctl.jobs.code.store import CodeStore, file_digest, human_bytes
 from fleetctl.jobs.model import CodeRef
 
 BIGGEST_NAMED = 3
+RACY_NS = 2_000_000_000
+HASH_CACHE_ENTRIES = 500_000
 FIX = "leave it out with a line in .fleetctlignore"
 
 
@@ -35,6 +41,53 @@ class Found:
     mode: int
     size: int = 0
     target: str = ""
+    stamp: tuple[int, int, int, int] = (0, 0, 0, 0)  # size, mtime_ns, ctime_ns, inode: unchanged file, same stamp
+
+
+class HashCache:
+    """The sha256 of files as last hashed, by absolute path and stamp, as git's index keeps them: a
+    re-submit of an unchanged tree reads no content. A file whose modification time was within
+    :data:`RACY_NS` of its hashing is always hashed again (it may have changed within the clock's
+    granularity without its stamp changing), and an entry whose blob is gone is ignored."""
+
+    def __init__(self, path: Path, entries: dict[str, list[Any]]) -> None:
+        self.path = path
+        self.entries = entries
+        self.changed = False
+
+    @classmethod
+    def load(cls, path: Path) -> HashCache:
+        try:
+            entries = json.loads(path.read_bytes())
+        except (OSError, ValueError):
+            entries = {}
+        return cls(path, entries if isinstance(entries, dict) else {})
+
+    def get(self, item: Found) -> str | None:
+        known = self.entries.get(str(item.source))
+        if not isinstance(known, list) or len(known) != 3:
+            return None
+        stamp, digest, hashed_at = known
+        if list(item.stamp) != stamp or not isinstance(digest, str) or hashed_at - item.stamp[1] < RACY_NS:
+            return None
+        return digest
+
+    def put(self, item: Found, digest: str, hashed_at: int) -> None:
+        self.entries[str(item.source)] = [list(item.stamp), digest, hashed_at]
+        self.changed = True
+
+    def save(self) -> None:
+        """Atomically, and never fatal: it is only a cache (two submits at once: the last one's is kept)."""
+        if not self.changed:
+            return
+        if len(self.entries) > HASH_CACHE_ENTRIES:  # bounded: the most recently hashed files stay
+            newest = sorted(self.entries.items(), key=lambda item: item[1][2] if isinstance(item[1], list) else 0)
+            self.entries = dict(newest[-HASH_CACHE_ENTRIES:])
+        with contextlib.suppress(OSError):
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            temporary.write_text(json.dumps(self.entries, separators=(",", ":")))
+            os.replace(temporary, self.path)
 
 
 def walk(directory: Path) -> list[Found]:
@@ -70,7 +123,8 @@ def walk(directory: Path) -> list[Found]:
             elif stat.S_ISLNK(info.st_mode):
                 found.append(Found(relative, Path(entry.path), 0o777, target=_link_target(root, real_root, relative, entry.path)))
             elif stat.S_ISREG(info.st_mode):
-                found.append(Found(relative, Path(entry.path), stat.S_IMODE(info.st_mode), info.st_size))
+                found.append(Found(relative, Path(entry.path), stat.S_IMODE(info.st_mode), info.st_size,
+                                   stamp=(info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino)))
             else:
                 raise _refuse(root, relative, f"is {_kind(info.st_mode)}, not a file: it has no content to send")
         pending.extend(reversed(subdirectories))
@@ -135,21 +189,29 @@ def take_snapshot(directory: str | os.PathLike[str], store: CodeStore, max_bytes
     files = [f for f in found if not f.target]
     progress.start(f"snapshot of {root}", sum(f.size for f in files), len(files))
     entries = []
+    hashes = HashCache.load(store.root / "hash-cache.json")
     try:
         for item in found:
             if item.target:
                 entries.append(Entry(item.path, item.mode, target=item.target))
                 continue
             try:
-                digest, size = file_digest(item.source)
-                if not store.has(digest):
-                    store.put(item.source, digest)
+                known = hashes.get(item)
+                if known is not None and store.has(known):  # unchanged since it was hashed, and kept: not read again
+                    digest, size = known, item.size
+                else:
+                    hashed_at = time.time_ns()
+                    digest, size = file_digest(item.source)
+                    if not store.has(digest):
+                        store.put(item.source, digest)
+                    hashes.put(item, digest, hashed_at)
             except OSError as exc:
                 raise _refuse(root, item.path, f"cannot be read ({exc.strerror})") from None
             entries.append(Entry(item.path, item.mode, digest, size))
             progress.advance(size, 1)
     finally:
         progress.finish()
+    hashes.save()
     manifest = Manifest(tuple(entries))
     check_size(root, [Found(e.path, root, e.mode, e.size) for e in manifest.files], max_bytes)  # grown meanwhile?
     store.put_manifest(manifest)

@@ -21,7 +21,7 @@ from fleetctl.jobs.code.progress import CodeProgress, current
 from fleetctl.jobs.code.store import CodeStore, human_bytes
 from fleetctl.jobs.model import CodeRef
 from fleetctl.text import one_line
-from fleetctl.transport import Connection
+from fleetctl.transport import MAX_STDOUT, Connection
 
 ARCHIVE_BYTES = 8 * 1024 * 1024
 
@@ -55,7 +55,8 @@ def send_code(conn: Connection, remote_dir: str, code: CodeRef, store: CodeStore
     def step(name: str) -> tuple[int, str, str]:
         command = code_command(remote_dir, code.manifest, name, now=time.time(), prune_every_s=settings.code_cache_prune_interval_s,
                                max_age_s=settings.code_cache_max_age_s, max_bytes=settings.code_cache_max_bytes)
-        result = conn.run(command, timeout=timeout)
+        # A listing of missing keys is 66 bytes a file: a tree of a million files must not hit the default cap.
+        result = conn.run(command, timeout=timeout, max_stdout=max(MAX_STDOUT, 80 * (code.files + 1)))
         return result.exit_code, result.stdout, result.stderr
 
     status, stdout, stderr = step("check")
