@@ -262,6 +262,13 @@ def test_the_host_script_fills_the_cache_refuses_damaged_blobs_and_builds_trees(
         tgz.unlink()  # pruned between a dispatch and the job's start
     gone = _host(tmp_path, again, "build", tree)
     assert gone.returncode == 26 and "code tree is gone from the cache" in gone.stderr
+    for blob in (tmp_path / "cache" / "fleetctl" / "blobs").iterdir():
+        blob.unlink()  # a cache emptied by hand: the ready marker no longer tells the truth
+    third = tmp_path / "third job"
+    third.mkdir()
+    assert _host(tmp_path, third, "check", tree).returncode == NEED_TREE  # the failed build dropped the marker
+    (third / "code.tgz").write_bytes(gzip.compress(tree_archive(manifest)))
+    assert _host(tmp_path, third, "check", tree).returncode == MISSING
 
 
 def test_progress_is_drawn_only_once_a_phase_lasts_a_moment() -> None:

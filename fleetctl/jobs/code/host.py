@@ -30,7 +30,8 @@ Every value reaches the script as a quoted positional argument, never pasted int
 bound the least recently used trees' blobs go first) runs in the ``check`` command at most once per
 interval. A tree already built keeps its files (hard links or copies), so pruning never breaks a
 running job; a job whose blobs were pruned between its dispatch and its start (another agent on the
-same host pruning under size pressure) fails saying so.
+same host pruning under size pressure, or someone emptying the cache by hand) fails saying so, and
+its tree is checked blob by blob at its next dispatch.
 """
 
 from __future__ import annotations
@@ -120,9 +121,9 @@ prune() {
 }
 case $step in
 build)
-  [ -f "$t" ] || fail 26 "the job's code tree is gone from the cache $c (pruned since its dispatch?)"
+  [ -f "$t" ] || { rm -f "$c/ready/$m"; fail 26 "the job's code tree is gone from the cache $c (pruned since its dispatch?)"; }
   if ! build_linked; then
-    build_copied || { clean; fail 26 "cannot build the job's code tree in $d: $(head -c 300 code.err)"; }
+    build_copied || { clean; rm -f "$c/ready/$m"; fail 26 "cannot build the job's code tree in $d: $(head -c 300 code.err)"; }
   fi
   rm -rf .blobs code.want code.err
   exit 0 ;;
