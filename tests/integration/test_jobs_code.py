@@ -272,3 +272,19 @@ def test_a_big_file_travels_in_parts_and_the_cache_is_pruned_by_size_and_age(hos
         third = fleet.submit("true", code=str(code))
         assert _drive_until(fleet, third.id, lambda r: r.done).state == "succeeded"
         assert len(list(blobs.iterdir())) == 2 and len(list((_cache(host) / "uses").iterdir())) == 1
+
+
+def test_an_upload_that_takes_a_while_shows_bytes_and_files_on_a_terminal_only(host: Sandbox, tmp_path: Path) -> None:
+    from tests.integration.test_progress import run_on_tty
+
+    code = tmp_path / "project"
+    _write(code, {f"weights/part{i}.bin": os.urandom(4 * 1024 * 1024) for i in range(30)})  # 120 MiB: more than a moment
+    config = tmp_path / "agents.toml"
+    config.write_text(CONTROLLER + "\n" + host.inventory_path.read_text())
+    args = ("--config", str(config), "--state-dir", str(tmp_path / "state"))
+    shown = run_on_tty("submit", "--code", str(code), "--wait", *args, "--", "true", timeout=120)
+    assert shown.returncode == 0, shown.terminal
+    assert "upload to one" in shown.terminal and "/30 files" in shown.terminal and "MB" in shown.terminal
+    _write(code, {"weights/part0.bin": os.urandom(4 * 1024 * 1024)})
+    piped = run_cli("submit", "--code", str(code), "--wait", *args, "--", "true", timeout=120)
+    assert piped.returncode == 0 and "upload" not in piped.stderr and "━" not in piped.stderr, piped.stderr
