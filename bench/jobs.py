@@ -38,7 +38,7 @@ def measure_fleetctl(bench: BenchFleet, count: int) -> dict[str, float]:
         queue = JobQueue(fleet.hosts.store)
         while any(not r.done for r in queue.list(("queued", "dispatching", "running"))) or \
                 len(queue.list(("succeeded",))) < count:
-            drive_once(fleet)
+            drive_once(fleet.hosts)
         wall = time.monotonic() - started
         latencies = []
         for job in jobs:

@@ -25,6 +25,7 @@
     ├── StoreError             the store could not be opened, read or written
     ├── LeaseLost              this controller no longer leases the agent it was about to act on
     └── JobError               a queued job could not be placed, run or collected
+        └── CodeError          a job's code directory cannot be sent (unsafe path, too big, snapshot gone)
 
 *Unreachable* (``TransportError``) and *command failed* (``CommandFailed``) are deliberately
 separate branches: the first says nothing ran, the second that something ran and failed.
@@ -178,3 +179,8 @@ class LeaseLost(FleetError):
 
 class JobError(FleetError):
     """A job could not be placed, run or collected."""
+
+
+class CodeError(JobError):
+    """A job's code directory cannot be snapshot or sent: an unsafe path, a snapshot over the limit,
+    a snapshot no longer in the state dir, or a host that cannot build the job's tree."""

@@ -89,7 +89,8 @@ class Fleet:
     # -- jobs ------------------------------------------------------------------------------
     def submit(self, command: list[str] | str, **options: Any) -> Job:
         """Queue a job (``gpus=``, ``labels=``, ``payload=``, ``timeout_s=``, ``retries=``, ``outputs=``,
-        ``after=``, ``env=``, ``workdir=``, ``agent=``, ``min_free_mem_mib=``, ``name=``, ``priority=``)."""
+        ``after=``, ``env=``, ``workdir=``, ``agent=``, ``min_free_mem_mib=``, ``name=``, ``priority=``;
+        ``code="DIR"``: run in a snapshot of DIR taken now, as the working directory)."""
         self.inventory.require()  # a job needs agents to run on
         return submit(self.hosts, command, **options)
 

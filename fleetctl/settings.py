@@ -65,6 +65,16 @@ class ControllerSettings(BaseModel):
     # Several serves on one store: an agent's lease lasts this long unrenewed; a dead or paused
     # controller's agents move to the others within lease_s plus lease_s / 3 (fleetctl.leases).
     lease_s: float = Field(default=15.0, ge=1.0, le=3600)
+    # Code sent with jobs (`submit --code DIR`, fleetctl.jobs.code): the most one snapshot may hold, and the
+    # bounds of the per-user blob cache on each host, pruned by the controller when it dispatches there.
+    code_max_bytes: int = Field(default=1_073_741_824, ge=0)  # 1 GiB
+    code_cache_max_bytes: int = Field(default=10_737_418_240, ge=0)  # 10 GiB
+    code_cache_max_age_s: float = Field(default=604_800.0, gt=0)  # a week
+    code_cache_prune_interval_s: float = Field(default=3600.0, ge=0)
+    # How a job's tree is made from the host's cache: hard links (read-only files sharing the cache's storage),
+    # or copies (reflinks where the filesystem has them). auto: links unless the job runs as root, whom
+    # read-only modes do not stop, so an edit in place could reach the cache and other jobs.
+    code_tree: Literal["auto", "link", "copy"] = "auto"
 
 
 def default_of(model: type[BaseModel], name: str) -> Any:

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import click
 
+from fleetctl.cli.code_progress import TerminalCodeProgress
 from fleetctl.cli.common import common_options, iso_utc, option_range, out, parse_labels, print_json, settings
 from fleetctl.cli.tables import Column, list_table
 from fleetctl.config import load_config
 from fleetctl.errors import ConfigError, JobError
 from fleetctl.fleet import Fleet
 from fleetctl.jobs.api import cancel_job, refresh_reasons
+from fleetctl.jobs.code.progress import reporting
 from fleetctl.jobs.driver import NO_CONTROLLER
 from fleetctl.jobs.model import FINAL_STATES, JobRecord, JobSpec, parse_duration
 from fleetctl.jobs.queue import JobQueue
@@ -58,24 +60,28 @@ def _payload(path: str | None) -> object:
 @click.option("--after", "after", multiple=True, metavar="JOB_ID", help="Start only after this job succeeded.")
 @click.option("--name", help="A name to recognise the job by.")
 @click.option("--priority", type=int, default=default_of(JobSpec, "priority"), show_default=True, help="Higher runs first; FIFO within a priority.")
+@click.option("--code", "code", metavar="DIR",
+              help="Run in a snapshot of DIR taken now (its .gitignore and .fleetctlignore honoured), as the working directory.")
 @click.option("--wait", "wait", is_flag=True, help="Wait for the job to end; exit 0 if it succeeded, 3 if not.")
 @click.argument("command", nargs=-1, required=True)
 @common_options
 def submit_command(gpus: int, min_free_mem_mib: float | None, labels: tuple[str, ...], agent: str | None,
                    env: tuple[str, ...], workdir: str | None, timeout: str | None, retries: int, payload: str | None,
-                   outputs: tuple[str, ...], after: tuple[str, ...], name: str | None, priority: int, wait: bool,
-                   command: tuple[str, ...]) -> None:
+                   outputs: tuple[str, ...], after: tuple[str, ...], name: str | None, priority: int, code: str | None,
+                   wait: bool, command: tuple[str, ...]) -> None:
     """Queue COMMAND for the fleet and print the job id (durable once printed).
 
     \b
     fleetctl submit --gpus 2 -- python3 train.py --epochs 3
+    fleetctl submit --code . --gpus 1 -- python3 train.py   # runs in a snapshot of .
     """
-    with _fleet() as fleet:
+    options = {"code": code} if code is not None else {}
+    with _fleet() as fleet, reporting(TerminalCodeProgress()):
         job = fleet.submit(list(command), gpus=gpus, min_free_mem_mib=min_free_mem_mib, labels=parse_labels(labels),
                            agent=agent, env=parse_labels(env, "--env"), workdir=workdir,
                            timeout_s=parse_duration(timeout) if timeout else None, retries=retries,
                            payload=_payload(payload), outputs=list(outputs), after=list(after), name=name,
-                           priority=priority)
+                           priority=priority, **options)
         click.echo(job.id)
         if wait:
             _report_end(job.wait())
@@ -135,7 +141,10 @@ def show_job(job_id: str, as_json: bool) -> None:
                     "events": [{"ts": iso_utc(t), "event": e, "detail": d} for t, e, d in events]})
         return
     out.print(f"job {record.id} ({visible(record.name or 'unnamed')}): {record.state}")
-    for label, value in (("command", " ".join(record.spec.command)), ("agent", record.agent), ("gpu indices", ",".join(record.gpus)),
+    code = record.spec.code
+    for label, value in (("command", " ".join(record.spec.command)),
+                         ("code", f"{code.files} files ({code.bytes} bytes) from {code.source}, snapshot {code.manifest[:12]}" if code else None),
+                         ("agent", record.agent), ("gpu indices", ",".join(record.gpus)),
                          ("attempt", record.attempt), ("remote dir", record.remote_dir), ("reason", record.reason),
                          ("exit code", record.exit_code), ("output", json.dumps(record.result.output) if record.result else None),
                          ("logs", record.result.stdout_path if record.result else None)):
@@ -193,7 +202,7 @@ def _no_logs(record: JobRecord) -> str | None:
 @common_options
 def wait_job(job_id: str, timeout: str | None) -> None:
     """Until the job ends (driving the queue if no `fleetctl serve` runs). Exit 0 if it succeeded, 3 if not."""
-    with _fleet() as fleet:
+    with _fleet() as fleet, reporting(TerminalCodeProgress()):
         record = fleet.job(job_id).wait(timeout=parse_duration(timeout) if timeout else None)
     _report_end(record)
 

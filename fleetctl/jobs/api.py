@@ -17,8 +17,10 @@ from pydantic import ValidationError
 
 from fleetctl.errors import JobError, StoreError
 from fleetctl.hosts import Hosts
+from fleetctl.jobs.code.snapshot import take_snapshot
+from fleetctl.jobs.code.store import CodeStore
 from fleetctl.jobs.driver import Driver, controller_live, no_controller_reason
-from fleetctl.jobs.model import JobRecord, JobResult, JobSpec, JobState
+from fleetctl.jobs.model import CodeRef, JobRecord, JobResult, JobSpec, JobState
 from fleetctl.jobs.queue import JobQueue
 from fleetctl.jobs.runner import JobRunner
 
@@ -108,10 +110,12 @@ class Job:
 
 
 def submit(fleet: Hosts, command: list[str] | str, **options: Any) -> Job:
-    """Queue a job; durable when this returns. ``command`` is argv (a string runs via ``sh -c``)."""
+    """Queue a job; durable when this returns. ``command`` is argv (a string runs via ``sh -c``).
+    ``code="DIR"``: the job runs in a snapshot of DIR taken now (:mod:`fleetctl.jobs.code`)."""
     argv = ["sh", "-c", command] if isinstance(command, str) else list(command)
     if options.get("agent"):
         fleet.inventory.get(options["agent"])  # an unknown name fails now, with a did-you-mean
+    code = options.pop("code", None)
     try:
         spec = JobSpec(command=argv, **options)
     except ValidationError as exc:
@@ -119,10 +123,31 @@ def submit(fleet: Hosts, command: list[str] | str, **options: Any) -> Job:
         field = ".".join(str(p) for p in error["loc"]) or "job"
         raise JobError(f"job {field}: {str(error['msg']).removeprefix('Value error, ')}") from None
     queue = JobQueue(fleet.store)
+    if code is not None:  # after the spec is known to be valid: a snapshot can take a while
+        spec = spec.model_copy(update={"code": snapshot_code(fleet, code)})
     job = queue.submit(spec)
+    if code is not None:
+        prune_snapshots(fleet, queue)
     live = controller_live(fleet)
     queue.set_reason(job.id, "waiting for the controller's next tick" if live else no_controller_reason(job.id))
     return Job(fleet, job.id)
+
+
+def snapshot_code(fleet: Hosts, code: str | os.PathLike[str] | CodeRef) -> CodeRef:
+    """A snapshot of the directory ``code`` in the state dir's code store (a :class:`CodeRef` is
+    taken as it is: a snapshot already there)."""
+    store = CodeStore(fleet.state_dir)
+    if isinstance(code, CodeRef):
+        store.manifest(code.manifest)  # still there
+        return code
+    return take_snapshot(code, store, fleet.settings.code_max_bytes)
+
+
+def prune_snapshots(fleet: Hosts, queue: JobQueue) -> int:
+    """Drop the snapshots no job that may still dispatch names, once unused for ``code_cache_max_age_s``."""
+    keep = {job.spec.code.manifest for job in queue.list(("queued", "dispatching", "running", "lost")) if job.spec.code}
+    settings = fleet.settings
+    return CodeStore(fleet.state_dir).prune(keep, settings.code_cache_max_age_s, settings.code_cache_prune_interval_s)
 
 
 def cancel_job(fleet: Hosts, job_id: str, force: bool = False) -> JobRecord:

@@ -29,6 +29,18 @@ def parse_duration(text: str | float | int, what: str = "--timeout") -> float:
     return seconds
 
 
+class CodeRef(BaseModel):
+    """The snapshot of a directory a job runs in (``submit --code DIR``): its manifest is a blob in
+    the submitting state dir's code store (``fleetctl.jobs.code``), named by its sha256."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    manifest: str = Field(pattern=r"^[0-9a-f]{64}$")
+    files: int = Field(ge=0)
+    bytes: int = Field(ge=0)
+    source: str  # the directory it was taken from, for people: never read again
+
+
 class JobSpec(BaseModel):
     """Everything ``fleetctl submit`` accepts; stored as JSON in the queue."""
 
@@ -49,6 +61,7 @@ class JobSpec(BaseModel):
     after: list[str] = Field(default_factory=list)
     priority: int = 0
     allow_busy_gpus: bool = False  # place on GPUs a foreign process is using
+    code: Optional[CodeRef] = None  # runs in its own copy of this snapshot, the working directory
 
     @field_validator("command", "name", "workdir", "outputs", "after", "labels", "env", mode="before")
     @classmethod

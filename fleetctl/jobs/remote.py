@@ -4,6 +4,7 @@ A job attempt lives in a private directory ``${TMPDIR:-/tmp}/fleetctl-job-<id>-a
 made by ``mktemp -d`` (mode 0700, unpredictable suffix). In it:
 
     job.json      what the job sees at $FLEETCTL_JOB_FILE (uploaded over SFTP)
+    code/         a job with code (``submit --code``): its own tree, its working directory (fleetctl.jobs.code)
     run.sh        the wrapper (uploaded over SFTP); runs the command in its own session
     started/      made by the launch step with ``mkdir``: atomic, so a second launch is refused
     wrapper       the wrapper's PID (alive = the job is running)
@@ -21,6 +22,7 @@ from __future__ import annotations
 import shlex
 
 from fleetctl.jobdirs import DIR_PATTERN, dir_prefix
+from fleetctl.jobs.code.manifest import TREE_DIR as CODE_TREE  # a job with code runs in its own tree there
 from fleetctl.jobs.model import JobSpec
 from fleetctl.settings import ControllerSettings, default_of
 
@@ -33,7 +35,23 @@ def make_dir_command(job_id: str, attempt: int, agent: str) -> str:
     return "sh -c " + shlex.quote(script)
 
 
-def _cd(workdir: str | None) -> str:
+def _in_tree(spec: JobSpec) -> bool:
+    """A job with code runs in its tree, ``$d/code``; a relative ``workdir`` is then inside the tree."""
+    workdir = spec.workdir or ""
+    return spec.code is not None and not (workdir.startswith("/") or workdir == "~" or workdir.startswith("~/"))
+
+
+def working_dir(spec: JobSpec, remote_dir: str) -> str:
+    """Where the job's command runs, as a path relative outputs are read from (``~/`` left as is)."""
+    if _in_tree(spec):
+        return f"{remote_dir}/{CODE_TREE}" + (f"/{spec.workdir}" if spec.workdir else "")
+    return spec.workdir or remote_dir
+
+
+def _cd(spec: JobSpec) -> str:
+    workdir = spec.workdir
+    if _in_tree(spec):
+        return f'cd "$d"/{CODE_TREE}/{shlex.quote(workdir or ".")}'
     if not workdir:
         return 'cd "$d"'
     if workdir == "~" or workdir.startswith("~/"):
@@ -49,11 +67,14 @@ def gpu_environment(vendor: str, gpu_ids: list[str]) -> dict[str, str]:
 
 
 def wrapper_script(job_id: str, remote_dir: str, spec: JobSpec, gpu_env: dict[str, str],
-                   kill_grace_s: int = KILL_GRACE_S) -> str:
-    """``run.sh``: start the command in a session of its own, wait, write result.json atomically."""
+                   kill_grace_s: int = KILL_GRACE_S, prepare: str = "") -> str:
+    """``run.sh``: start the command in a session of its own, wait, write result.json atomically.
+    ``prepare``: a command run first (a job with code: building its tree); if it fails, the command
+    does not run and the job ends with exit code 126 and the reason in stderr.log."""
     env = {**spec.env, **gpu_env}
     exports = "\n".join(f"export {name}={shlex.quote(value)}" for name, value in env.items())
     command = " ".join(shlex.quote(word) for word in spec.command)
+    code_dir = f' FLEETCTL_CODE_DIR="$d/{CODE_TREE}"' if spec.code is not None else ""
     watchdog = ""
     if spec.timeout_s:
         # On the host, so the deadline holds while the controller is down or the network is gone.
@@ -63,10 +84,10 @@ def wrapper_script(job_id: str, remote_dir: str, spec: JobSpec, gpu_env: dict[st
     return f"""#!/bin/sh
 d={shlex.quote(remote_dir)}
 echo $$ > "$d/wrapper"
-export FLEETCTL_JOB_ID={shlex.quote(job_id)} FLEETCTL_JOB_FILE="$d/job.json" FLEETCTL_OUTPUT_FILE="$d/output.json"
+export FLEETCTL_JOB_ID={shlex.quote(job_id)} FLEETCTL_JOB_FILE="$d/job.json" FLEETCTL_OUTPUT_FILE="$d/output.json"{code_dir}
 {exports}
 started=$(date +%s)
-if {_cd(spec.workdir)} 2>"$d/stderr.log"; then
+if {f"{{ {prepare} && {_cd(spec)}; }}" if prepare else _cd(spec)} 2>"$d/stderr.log"; then
   setsid {command} >"$d/stdout.log" 2>"$d/stderr.log" </dev/null &
   child=$!
   echo "$child" > "$d/pgid"

@@ -19,10 +19,12 @@ from pathlib import Path
 
 from fleetctl.config import Agent
 from fleetctl.durations import utc
-from fleetctl.errors import FleetError, JobError, LeaseLost, RemoteFileNotFound, TransportError
+from fleetctl.errors import CodeError, FleetError, JobError, LeaseLost, RemoteFileNotFound, TransportError
 from fleetctl.history import AgentStatus, agent_statuses
 from fleetctl.hosts import Hosts
 from fleetctl.jobdirs import RemoteJobDir, dir_prefix, parse_scan_line
+from fleetctl.jobs.code.store import CodeStore
+from fleetctl.jobs.code.upload import send_code
 from fleetctl.jobs.model import ACTIVE_STATES, JobRecord, JobResult, JobState
 from fleetctl.jobs.placement import Candidate, never_satisfiable, place, waiting_reason
 from fleetctl.jobs.queue import JobQueue
@@ -33,6 +35,7 @@ from fleetctl.jobs.remote import (
     launch_command,
     make_dir_command,
     remove_command,
+    working_dir,
     wrapper_script,
 )
 from fleetctl.leases import FenceSource
@@ -44,6 +47,7 @@ from fleetctl.transport import Connection
 log = logging.getLogger("fleetctl.jobs")
 LOG_TAIL_BYTES = 10 * 1024 * 1024
 STARTING_GRACE_S = 120.0
+CODE_BUILD_TIMEOUT_S = 300.0  # unpacking an upload of many files on a slow disk takes longer than a plain command
 EXEC_RAN = ("ok", "no_gpus", "tool_missing", "driver_error")  # the heartbeat exec ran, so its job scan is valid
 _FAILPOINT = os.environ.get("FLEETCTL_FAILPOINT", "")  # test hook: die at a named step
 
@@ -300,7 +304,7 @@ class JobRunner:
                 result.output = json.loads(output)
             except ValueError:
                 result.output = {"error": "output.json is not valid JSON", "path": str(local / "output.json")}
-        base = job.spec.workdir or remote_dir
+        base = working_dir(job.spec, remote_dir)
         for declared in job.spec.outputs:
             remote = declared if declared.startswith("/") else f"{base.rstrip('/')}/{declared}"
             if remote.startswith("~/"):
@@ -424,6 +428,11 @@ class JobRunner:
         except LeaseLost as exc:  # the job stays as it is; the lease's new holder reconciles it
             log.warning("job %s: not dispatched: %s", job.id, exc)
             return False
+        except CodeError as exc:  # its code cannot run there as it is (snapshot gone, host cannot build it): no retry helps
+            self.queue.finish(job.id, expect=("dispatching",), state="failed", reason=one_line(str(exc)))
+            if remote_dir is not None:
+                self._remove(agent.name, remote_dir)
+            return False
         except TransportError as exc:
             if remote_dir is not None:
                 self._remove(agent.name, remote_dir)  # if this fails too, the orphan scan removes it later
@@ -436,11 +445,18 @@ class JobRunner:
         vendor = gpus[0].vendor if gpus else "nvidia"
         ids = [g.uuid if vendor == "nvidia" and g.uuid else str(g.index) for g in gpus]
         gpu_env = gpu_environment(vendor, ids) if gpus else {}
+        prepare = ""
+        if job.spec.code is not None:  # the code first: a directory with job.json and run.sh is ready to launch
+            agent = self._agent(job.agent)
+            sent = send_code(conn, remote_dir, job.spec.code, CodeStore(self.fleet.state_dir), self.fleet.settings,
+                             agent=job.agent or "", timeout=max(agent.command_timeout_s if agent else 0.0, CODE_BUILD_TIMEOUT_S))
+            self.queue.note(job.id, "code_sent", sent.describe(job.agent or ""), agent=job.agent)
+            prepare = sent.build  # the job's own tree is built by its wrapper on the host, off the dispatch's path
         document = {"id": job.id, "name": job.spec.name, "command": job.spec.command, "env": job.spec.env,
                     "payload": job.spec.payload, "gpus": ids, "timeout_s": job.spec.timeout_s, "attempt": job.attempt}
         conn.write_bytes(f"{remote_dir}/job.json", json.dumps(document, indent=1).encode())
         conn.write_bytes(f"{remote_dir}/run.sh", wrapper_script(job.id, remote_dir, job.spec, gpu_env,
-                                                                    self.fleet.settings.kill_grace_s).encode())
+                                                                    self.fleet.settings.kill_grace_s, prepare).encode())
         _failpoint("after-upload")
 
     def _still_mine(self, agent: str, token: int | None) -> None:

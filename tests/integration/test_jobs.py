@@ -47,7 +47,7 @@ def _fleet(sandbox: Sandbox, tmp_path: Path) -> Fleet:
 def _drive_until(fleet: Fleet, job_id: str, done: Callable[[JobRecord], bool], timeout: float = 30) -> JobRecord:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        drive_once(fleet)
+        drive_once(fleet.hosts)
         record = fleet.job(job_id).record
         if done(record):
             return record

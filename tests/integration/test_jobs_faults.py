@@ -66,7 +66,7 @@ def test_partition_without_retries_is_lost_provisionally_then_succeeds_and_the_c
         hosts.stop_host("one")
         lost = _drive_until(fleet, job.id, lambda r: r.state == "lost")
         assert lost.lost_provisionally and not lost.done and lost.reason == "agent one went offline"
-        drive_once(fleet)
+        drive_once(fleet.hosts)
         assert fleet.job(child.id).record.state == "queued"  # a provisional loss fails no child
         assert fleet.job(child.id).record.reason == f"waiting for dependency {job.id} (lost for now; its host may come back)"
         config, state = str(_config(hosts, tmp_path)), str(tmp_path / "state")
@@ -168,7 +168,7 @@ def test_without_a_controller_submit_and_list_say_so(hosts: Sandbox, tmp_path: P
     with Fleet.from_config(config, state_dir=state) as fleet:
         fleet.drain("one")
         fleet.drain("big")
-        drive_once(fleet)  # a driver replaces it with what it sees
+        drive_once(fleet.hosts)  # a driver replaces it with what it sees
         assert fleet.job(job_id).record.reason == "waiting for an agent: one is draining; big is draining"
         fleet.drain("one", False)
     waited = run_cli("submit", "--wait", "--agent", "one", "--config", config, "--state-dir", state, "--", "true")
