@@ -25,7 +25,7 @@ from fleetctl.addresses import format_address
 from fleetctl.errors import ConfigError, UnknownAgentError
 from fleetctl.paths import config_path
 from fleetctl.settings import ControllerSettings as ControllerSettings  # its home before fleetctl.settings: still importable here
-from fleetctl.settings import LayeredSettings, layered
+from fleetctl.settings import HostTimeouts, LayeredSettings, default_of, layered
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -93,8 +93,8 @@ class Agent(BaseModel):
     labels: dict[str, str] = Field(default_factory=dict)
     host_key_fingerprint: Optional[str] = None
     resolved_ip: Optional[str] = None
-    connect_timeout_s: float = Field(default=10.0, gt=0, le=600)
-    command_timeout_s: float = Field(default=30.0, gt=0, le=86400)
+    connect_timeout_s: float = Field(default=default_of(HostTimeouts, "connect_timeout_s"), gt=0, le=600)
+    command_timeout_s: float = Field(default=default_of(HostTimeouts, "command_timeout_s"), gt=0, le=86400)
     heartbeat_interval_s: Optional[float] = Field(default=None, gt=0, le=86400)
     ssh_config_host: Optional[str] = None
     ssh_config: Optional[bool] = None  # false: ignore ssh_config for this agent (default: [controller] ssh_config)

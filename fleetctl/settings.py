@@ -11,7 +11,7 @@ An empty value (``""``) counts as unset in every layer. :func:`layered` merges t
 validates the result once; :func:`pick` is the same rule for one value (the file paths of
 :mod:`fleetctl.paths` use it). ``fleetctl config show`` prints every effective value and its source.
 Per-agent values (``connect_timeout_s``, ``command_timeout_s``) are fields of the inventory's
-``Agent`` model and written there once.
+``Agent`` model, their defaults written once in :class:`HostTimeouts`.
 
 A leaf: it imports nothing of fleetctl but the errors, so any layer may read a default from here.
 """
@@ -75,6 +75,14 @@ class ControllerSettings(BaseModel):
     # or copies (reflinks where the filesystem has them). auto: links unless the job runs as root, whom
     # read-only modes do not stop, so an edit in place could reach the cache and other jobs.
     code_tree: Literal["auto", "link", "copy"] = "auto"
+
+
+class HostTimeouts(BaseModel):
+    """Per-agent timeouts, written once: the inventory's ``Agent`` fields take their defaults from
+    here, and so does the SSH seam's ``Route`` (which may not import the inventory above it)."""
+
+    connect_timeout_s: float = Field(default=10.0, gt=0, le=600)
+    command_timeout_s: float = Field(default=30.0, gt=0, le=86400)
 
 
 def default_of(model: type[BaseModel], name: str) -> Any:

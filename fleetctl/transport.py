@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Protocol
 
 from fleetctl.addresses import format_address
-from fleetctl.config import Agent
 from fleetctl.errors import CommandFailed
+from fleetctl.settings import HostTimeouts, default_of
 
 # Every read from a host is bounded: a tool that prints forever must not take the controller's memory.
 MAX_STDOUT = 16 * 1024 * 1024
@@ -63,7 +63,7 @@ class Route:
     """The hops to cross, nearest the controller first; the last one is the target."""
 
     hops: tuple[Hop, ...]
-    connect_timeout: float = Agent.model_fields["connect_timeout_s"].default  # written once, in the inventory's model
+    connect_timeout: float = default_of(HostTimeouts, "connect_timeout_s")  # written once, in the settings
 
     @property
     def target(self) -> Hop:
