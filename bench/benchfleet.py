@@ -16,11 +16,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from fleetctl.config import Agent, Bastion, Inventory
-from fleetctl.gpu_tools import DEFAULT_QUERIES
+from fleetctl.inventory.config import Agent, Bastion, Inventory
 from fleetctl.sandbox import sshd
 from fleetctl.sandbox.sandbox import _free_port
 from fleetctl.ssh.known_hosts import fingerprint
+from fleetctl.telemetry.gpu_tools import DEFAULT_QUERIES
 
 MAX_PORTS_PER_SSHD = 16
 

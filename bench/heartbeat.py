@@ -1,6 +1,6 @@
 """Steady-state heartbeat rounds over 100 and 1000 bench hosts: fleetctl against asyncssh and
 parallel-ssh (libssh2), all on the same bench fleet in the same run, with the same remote command
-(``fleetctl.heartbeat.heartbeat_command``) and the same parser (``snapshot_from_result``).
+(``fleetctl.telemetry.heartbeat.heartbeat_command``) and the same parser (``snapshot_from_result``).
 
     .venv/bin/pip install -e '.[bench]'            # asyncssh, parallel-ssh (bench only)
     .venv/bin/python bench/heartbeat.py            # 100 and 1000 hosts
@@ -60,8 +60,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchfleet import BenchFleet, children_cpu_seconds, cpu_seconds, peak_rss_mib, rss_mib, ssh_baseline  # noqa: E402
 
 from fleetctl.fleet import DEFAULT_MAX_PARALLEL_SSH  # noqa: E402
-from fleetctl.heartbeat import heartbeat_command  # noqa: E402
-from fleetctl.telemetry import TelemetrySnapshot  # noqa: E402
+from fleetctl.telemetry.heartbeat import heartbeat_command  # noqa: E402
+from fleetctl.telemetry.snapshot import TelemetrySnapshot  # noqa: E402
 
 CLIENTS = ("fleetctl", "fleetctl-stock", "asyncssh", "parallel-ssh")
 OURS = ("fleetctl", "fleetctl-stock")

@@ -21,8 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fleetctl.heartbeat import MAX_STDERR, MAX_STDOUT
 from fleetctl.sandbox import HostSpec, Sandbox
+from fleetctl.telemetry.heartbeat import MAX_STDERR, MAX_STDOUT
 
 HEALTHY = ["ok-nv-1", "ok-nv-2", "ok-amd-1", "ok-amd-2"]
 ROUNDS = {

@@ -26,7 +26,7 @@ from fleetctl.jobs.api import drive_once
 from fleetctl.jobs.queue import JobQueue
 from fleetctl.sandbox import HostSpec, Sandbox
 from fleetctl.ssh import connect
-from fleetctl.transport import Connection, Route
+from fleetctl.ssh.seam import Connection, Route
 
 
 class Counting:

@@ -23,10 +23,10 @@ from typing import Any
 
 from benchfleet import BenchFleet
 
-from fleetctl.config import Agent
-from fleetctl.heartbeat import heartbeat_command, snapshot_from_result
-from fleetctl.telemetry import TelemetrySnapshot
-from fleetctl.transport import CommandResult
+from fleetctl.inventory.config import Agent
+from fleetctl.ssh.seam import CommandResult
+from fleetctl.telemetry.heartbeat import heartbeat_command, snapshot_from_result
+from fleetctl.telemetry.snapshot import TelemetrySnapshot
 
 Measure = Callable[[Callable[[], list[TelemetrySnapshot]], Callable[[float], None]], dict[str, Any]]
 

@@ -47,21 +47,21 @@ from benchfleet import BenchFleet, cpu_seconds, rss_mib  # noqa: E402
 from paramiko.common import MSG_NAMES  # noqa: E402
 
 from fleetctl.fleet import DEFAULT_MAX_PARALLEL_SSH, Fleet  # noqa: E402
-from fleetctl.heartbeat import heartbeat_command, snapshot_from_result  # noqa: E402
-from fleetctl.history import record as record_history  # noqa: E402
-from fleetctl.parsers import parse_gpu_output  # noqa: E402
 from fleetctl.ssh import connection as ssh_connection  # noqa: E402
 from fleetctl.store import SQLiteStore  # noqa: E402
-from fleetctl.telemetry import GpuSample, TelemetrySnapshot  # noqa: E402
+from fleetctl.telemetry.heartbeat import heartbeat_command, snapshot_from_result  # noqa: E402
+from fleetctl.telemetry.history import record as record_history  # noqa: E402
+from fleetctl.telemetry.parsers import parse_gpu_output  # noqa: E402
+from fleetctl.telemetry.snapshot import GpuSample, TelemetrySnapshot  # noqa: E402
 
 # Buckets, tried in order against each frame from the innermost outwards; the first match names
 # the sample. (file or function regex, bucket)
 BUCKETS: list[tuple[str, str]] = [
-    (r"sqlite3|fleetctl/store/|fleetctl/history\.py", "SQLite write (history.record, store)"),
-    (r"fleetctl/health\.py", "health state machine"),
-    (r"pydantic|fleetctl/telemetry\.py", "pydantic models (TelemetrySnapshot/GpuSample)"),
+    (r"sqlite3|fleetctl/store/|fleetctl/telemetry/history\.py", "SQLite write (history.record, store)"),
+    (r"fleetctl/telemetry/health\.py", "health state machine"),
+    (r"pydantic|fleetctl/telemetry/snapshot\.py", "pydantic models (TelemetrySnapshot/GpuSample)"),
     (r"/re/_parser\.py|/re/_compiler\.py|/re/__init__\.py", "regex compiled per beat (session.py's end marker)"),
-    (r"fleetctl/parsers/|fleetctl/heartbeat\.py|fleetctl/jobdirs\.py|fleetctl/jobs/remote\.py|fleetctl/text\.py", "our parse"),
+    (r"fleetctl/telemetry/parsers/|fleetctl/telemetry/heartbeat\.py|fleetctl/telemetry/jobdirs\.py|fleetctl/jobs/remote\.py|fleetctl/_text\.py", "our parse"),
     (r"libcrypto|libssl|_rust\.abi3|cryptography/|EVP_|aes|gcm|ghash", "crypto (AES-GCM, native)"),
     (r"paramiko/packet\.py", "paramiko Packetizer (read/send_message, framing)"),
     (r"paramiko/message\.py|paramiko/util\.py|paramiko/common\.py", "paramiko Message encode/decode"),
@@ -71,7 +71,7 @@ BUCKETS: list[tuple[str, str]] = [
     (r"fleetctl/ssh/", "fleetctl/ssh (run, run_kept, session)"),
     (r"threading\.py|concurrent/futures|queue\.py|futex|pthread_cond|sem_|_thread", "thread wake-ups (Event/Condition/pool)"),
     (r"socket\.py|recv|send|select|poll|epoll", "socket syscalls"),
-    (r"fleetctl/hosts\.py|fleetctl/fleet\.py", "fleetctl/hosts.py (heartbeat_one, round)"),
+    (r"fleetctl/hosts/core\.py|fleetctl/fleet\.py", "fleetctl/hosts/core.py (heartbeat_one, round)"),
     (r"datetime|secrets|random|uuid|logging", "stdlib misc (time stamps, nonces, logging)"),
 ]
 

@@ -56,11 +56,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchfleet import BenchFleet  # noqa: E402
 
-from fleetctl.config import load_config  # noqa: E402
 from fleetctl.fleet import Fleet  # noqa: E402
-from fleetctl.leases import controller_rows  # noqa: E402
+from fleetctl.inventory.config import load_config  # noqa: E402
 from fleetctl.sandbox.postgres import PostgresCluster, bindir  # noqa: E402
 from fleetctl.store import Store, open_store  # noqa: E402
+from fleetctl.store.leases import controller_rows  # noqa: E402
 
 TICK_S = os.sysconf("SC_CLK_TCK")
 DONE_STATES = ("succeeded", "failed", "cancelled", "lost", "timed_out")

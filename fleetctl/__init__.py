@@ -8,7 +8,6 @@
 
 __version__ = "0.1.0"
 
-from fleetctl.config import Agent, Bastion, Inventory, load_config
 from fleetctl.errors import (
     AuthError,
     CommandFailed,
@@ -35,12 +34,13 @@ from fleetctl.errors import (
     UnreachableError,
 )
 from fleetctl.fleet import Fleet, HeartbeatRound
+from fleetctl.hosts.registration import Registration, register_ssh
+from fleetctl.inventory.config import Agent, Bastion, Inventory, load_config
 from fleetctl.jobs.api import Job
 from fleetctl.jobs.model import JobRecord, JobResult, JobSpec
-from fleetctl.parsers import parse_gpu_output
-from fleetctl.registration import Registration, register_ssh
-from fleetctl.telemetry import GpuSample, HostBasics, TelemetrySnapshot
-from fleetctl.transport import CommandResult
+from fleetctl.ssh.seam import CommandResult
+from fleetctl.telemetry.parsers import parse_gpu_output
+from fleetctl.telemetry.snapshot import GpuSample, HostBasics, TelemetrySnapshot
 
 __all__ = [
     "Agent", "AuthError", "Bastion", "CommandFailed", "CommandResult", "CommandTimeout", "ConfigError",

@@ -37,7 +37,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from fleetctl.transport import CommandResult
+    from fleetctl.ssh.seam import CommandResult
 
 
 class FleetError(Exception):

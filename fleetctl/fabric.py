@@ -20,15 +20,15 @@ import shlex
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from fleetctl.config import Inventory
 from fleetctl.errors import ConfigError, FleetError
-from fleetctl.fanout import select
 from fleetctl.fleet import Fleet
+from fleetctl.hosts.fanout import select
+from fleetctl.inventory.config import Inventory
 from fleetctl.ssh.config_file import expand_tokens
 from fleetctl.ssh.fabric_policy import empty_ssh_config, guard, transport_factory
 from fleetctl.ssh.hostkeys import HostKeyPolicy
 from fleetctl.ssh.proxy import expand_proxy_command
-from fleetctl.transport import Hop, Route
+from fleetctl.ssh.seam import Hop, Route
 
 if TYPE_CHECKING:
     import fabric

@@ -1,7 +1,7 @@
 """``Fleet``: the notebook-facing object, a thin facade over the host core (``hosts.py``: connections,
 heartbeat rounds, fan-out, history, health) and the job queue (``jobs/``). It offers what a notebook
 user calls; the library's own layers (serve, the CLI, jobs, doctor) work on ``fleet.hosts``, the
-:class:`~fleetctl.hosts.Hosts` underneath. Layers point down only: jobs build on ``Hosts`` and never
+:class:`~fleetctl.hosts.core.Hosts` underneath. Layers point down only: jobs build on ``Hosts`` and never
 import this module."""
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from fleetctl import fanout
-from fleetctl.config import Agent, Inventory, load_config
-from fleetctl.hosts import DEFAULT_MAX_PARALLEL_SSH, HeartbeatRound, Hosts
+from fleetctl.hosts import fanout
+from fleetctl.hosts.core import DEFAULT_MAX_PARALLEL_SSH, HeartbeatRound, Hosts
+from fleetctl.inventory.config import Agent, Inventory, load_config
 from fleetctl.jobs.api import Job, jobs_frame, submit
 from fleetctl.jobs.queue import JobQueue
 from fleetctl.settings import ControllerSettings
-from fleetctl.telemetry import TelemetrySnapshot
+from fleetctl.telemetry.snapshot import TelemetrySnapshot
 
 if TYPE_CHECKING:
     from typing import Self
@@ -31,7 +31,7 @@ __all__ = ["DEFAULT_MAX_PARALLEL_SSH", "Fleet", "HeartbeatRound"]
 class Fleet:
     """The agents of an inventory, the connections to them, and the job queue that runs on them.
 
-    Takes what :class:`~fleetctl.hosts.Hosts` takes: ``state_dir=``, ``max_parallel_ssh=``,
+    Takes what :class:`~fleetctl.hosts.core.Hosts` takes: ``state_dir=``, ``max_parallel_ssh=``,
     ``store=``, ``accept_any_host_key=``, ``connector=`` (e.g. :mod:`fleetctl.testing`'s fake)."""
 
     def __init__(self, inventory: Inventory, **options: Any) -> None:

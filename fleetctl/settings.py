@@ -63,7 +63,7 @@ class ControllerSettings(BaseModel):
     # the state dir. $FLEETCTL_STORE and --store outrank it.
     store: Optional[str] = None
     # Several serves on one store: an agent's lease lasts this long unrenewed; a dead or paused
-    # controller's agents move to the others within lease_s plus lease_s / 3 (fleetctl.leases).
+    # controller's agents move to the others within lease_s plus lease_s / 3 (fleetctl.store.leases).
     lease_s: float = Field(default=15.0, ge=1.0, le=3600)
     # Code sent with jobs (`submit --code DIR`, fleetctl.jobs.code): the most one snapshot may hold, and the
     # bounds of the per-user blob cache on each host, pruned by the controller when it dispatches there.

@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from fleetctl.errors import ConnectionLost, RemoteFileNotFound
-from fleetctl.transport import CommandResult, HostKeySeen, Route
+from fleetctl.ssh.seam import CommandResult, HostKeySeen, Route
 
 Answer = CommandResult | BaseException | Callable[[str], "CommandResult | BaseException"]
 

@@ -131,7 +131,7 @@ def test_tested_shell_examples_run(block: Block, tmp_path: Path) -> None:
 @pytest.mark.no_store
 @pytest.mark.parametrize("block", [b for b in ALL_BLOCKS if b.lang == "toml"], ids=Block.where)
 def test_toml_examples_are_valid_inventories(block: Block) -> None:
-    from fleetctl.config import parse_inventory
+    from fleetctl.inventory.config import parse_inventory
 
     parse_inventory(block.text, Path(block.where()))  # raises ConfigError naming the line
 
@@ -185,7 +185,7 @@ def test_every_heartbeat_status_has_its_fix_in_troubleshooting() -> None:
 
 @pytest.mark.no_store
 def test_every_run_status_has_its_fix_in_troubleshooting() -> None:
-    from fleetctl.fanout import Status
+    from fleetctl.hosts.fanout import Status
 
     rows = _status_rows("`fleetctl run` statuses")
     assert set(rows) == set(typing.get_args(Status))

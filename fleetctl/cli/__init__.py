@@ -13,6 +13,7 @@ from typing import NoReturn
 import click
 
 from fleetctl import __version__
+from fleetctl._text import one_line, visible
 from fleetctl.cli.agents import agents_group, register_ssh_command
 from fleetctl.cli.cluster import controllers_command
 from fleetctl.cli.common import Settings, common_options, err, out
@@ -23,7 +24,6 @@ from fleetctl.cli.preflight import doctor_command, trust_command
 from fleetctl.cli.run import run_command
 from fleetctl.cli.settings import config_group
 from fleetctl.errors import FleetError
-from fleetctl.text import one_line, visible
 
 
 class _StdoutGone(Exception):

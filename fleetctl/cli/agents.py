@@ -9,20 +9,20 @@ from typing import Any
 
 import click
 
-from fleetctl.addresses import read_worker_file
+from fleetctl._durations import utc
+from fleetctl._text import one_line, visible
 from fleetctl.cli.common import common_options, err, out, parse_labels, print_json, settings
 from fleetctl.cli.progress import host_progress, host_status
 from fleetctl.cli.tables import Column, list_table
-from fleetctl.config import Agent, edit_inventory, load_config
-from fleetctl.durations import utc
 from fleetctl.errors import FleetError
 from fleetctl.fleet import Fleet
-from fleetctl.health import Health
-from fleetctl.history import AgentStatus, agent_statuses
-from fleetctl.registration import register_ssh
-from fleetctl.routes import HopView
+from fleetctl.hosts.registration import register_ssh
+from fleetctl.inventory.config import Agent, edit_inventory, load_config
+from fleetctl.inventory.routes import HopView
 from fleetctl.settings import default_of
-from fleetctl.text import one_line, visible
+from fleetctl.ssh.addresses import read_worker_file
+from fleetctl.telemetry.health import Health
+from fleetctl.telemetry.history import AgentStatus, agent_statuses
 
 
 def _via(agent: Agent) -> str:

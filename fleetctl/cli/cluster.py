@@ -8,9 +8,9 @@ import click
 
 from fleetctl.cli.common import common_options, iso_utc, out, print_json, settings
 from fleetctl.cli.tables import Column, list_table
-from fleetctl.config import load_config
 from fleetctl.fleet import Fleet
-from fleetctl.leases import ControllerRow, controller_rows, lease_rows
+from fleetctl.inventory.config import load_config
+from fleetctl.store.leases import ControllerRow, controller_rows, lease_rows
 
 
 def _state(row: ControllerRow) -> str:

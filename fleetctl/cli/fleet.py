@@ -8,19 +8,19 @@ from pathlib import Path
 
 import click
 
+from fleetctl._text import visible
 from fleetctl.cli.common import common_options, option_range, out, print_json, settings
 from fleetctl.cli.progress import host_progress
 from fleetctl.cli.tables import fleet_table
-from fleetctl.config import load_config
 from fleetctl.fleet import Fleet
-from fleetctl.frames import append_csv, csv_target
-from fleetctl.hosts import DEFAULT_MAX_PARALLEL_SSH
-from fleetctl.registration import register_ssh
+from fleetctl.hosts.core import DEFAULT_MAX_PARALLEL_SSH
+from fleetctl.hosts.registration import register_ssh
+from fleetctl.inventory.config import load_config
 from fleetctl.sandbox import Sandbox, default_hosts, sandbox_dir
 from fleetctl.sandbox.postgres import PostgresCluster, set_inventory_store
 from fleetctl.sandbox.sandbox import STATE_FILE
 from fleetctl.settings import ControllerSettings
-from fleetctl.text import visible
+from fleetctl.telemetry.frames import append_csv, csv_target
 
 EXIT_SOME_FAILED = 3
 SANDBOX_HOSTS = 3  # `sandbox up` and `demo`: one host of each kind (NVIDIA, AMD, behind the bastion)

@@ -9,19 +9,19 @@ from pathlib import Path
 
 import click
 
+from fleetctl._text import one_line, visible
 from fleetctl.cli.code_progress import TerminalCodeProgress
 from fleetctl.cli.common import common_options, iso_utc, option_range, out, parse_labels, print_json, settings
 from fleetctl.cli.tables import Column, list_table
-from fleetctl.config import load_config
 from fleetctl.errors import ConfigError, JobError
 from fleetctl.fleet import Fleet
+from fleetctl.inventory.config import load_config
 from fleetctl.jobs.api import cancel_job, refresh_reasons
 from fleetctl.jobs.code.progress import reporting
 from fleetctl.jobs.driver import NO_CONTROLLER
 from fleetctl.jobs.model import FINAL_STATES, JobRecord, JobSpec, parse_duration
 from fleetctl.jobs.queue import JobQueue
 from fleetctl.settings import default_of
-from fleetctl.text import one_line, visible
 
 STATES = ("queued", "dispatching", "running", *FINAL_STATES)
 EXIT_JOB_FAILED = 3

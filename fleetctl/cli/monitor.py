@@ -18,15 +18,15 @@ from rich.live import Live
 from fleetctl.cli.common import common_options, err, out, settings
 from fleetctl.cli.keys import KeyReader, cbreak
 from fleetctl.cli.tables import TopData, TopScreen, top_frame
-from fleetctl.config import load_config
-from fleetctl.controller import Controller
 from fleetctl.errors import FleetError, UnknownAgentError
 from fleetctl.fleet import Fleet, HeartbeatRound
-from fleetctl.frames import csv_text, write_csv
+from fleetctl.inventory.config import load_config
 from fleetctl.jobs.driver import Driver, controller_lock
-from fleetctl.metrics import parse_address, serve_metrics
+from fleetctl.serve.controller import Controller
+from fleetctl.serve.metrics import parse_address, serve_metrics
 from fleetctl.settings import ControllerSettings, default_of
-from fleetctl.telemetry import TelemetrySnapshot
+from fleetctl.telemetry.frames import csv_text, write_csv
+from fleetctl.telemetry.snapshot import TelemetrySnapshot
 
 
 def _stop_on_signals() -> threading.Event:

@@ -6,13 +6,13 @@ import sys
 
 import click
 
+from fleetctl._text import visible
 from fleetctl.cli.common import common_options, err, out, print_json, settings
-from fleetctl.config import load_config
-from fleetctl.doctor import doctor
 from fleetctl.errors import ConfigError
 from fleetctl.fleet import Fleet
-from fleetctl.text import visible
-from fleetctl.trust import TrustOffer, trust
+from fleetctl.hosts.doctor import doctor
+from fleetctl.hosts.trust import TrustOffer, trust
+from fleetctl.inventory.config import load_config
 
 EXIT_SOME_FAILED = 3
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import click
 
+from fleetctl._durations import seconds_of
+from fleetctl._text import one_line, visible
 from fleetctl.cli.common import common_options, err, parse_labels, print_json, settings
-from fleetctl.config import load_config
-from fleetctl.durations import seconds_of
 from fleetctl.errors import ConfigError
-from fleetctl.fanout import DEFAULT_TIMEOUT_S, MAX_STDOUT, FanoutResult, HostResult, select
 from fleetctl.fleet import Fleet
-from fleetctl.text import one_line, visible
+from fleetctl.hosts.fanout import DEFAULT_TIMEOUT_S, MAX_STDOUT, FanoutResult, HostResult, select
+from fleetctl.inventory.config import load_config
 
 EXIT_SOME_FAILED = 3
 

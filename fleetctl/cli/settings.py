@@ -10,7 +10,7 @@ import click
 
 from fleetctl.cli.common import common_options, out, print_json, settings
 from fleetctl.cli.tables import Column, list_table
-from fleetctl.config import load_config
+from fleetctl.inventory.config import load_config
 from fleetctl.paths import config_setting, state_setting
 from fleetctl.settings import Setting
 

@@ -1,6 +1,6 @@
 """The tables of ``heartbeat``, ``demo`` and ``top``, laid out to fit the terminal.
 
-Every cell is a :class:`rich.text.Text` built from :func:`fleetctl.text.one_line`: GPU names, errors
+Every cell is a :class:`rich.text.Text` built from :func:`fleetctl._text.one_line`: GPU names, errors
 and agent names come from hosts and users, so they are data, never markup (a name ``[/]`` must not raise
 ``MarkupError``) and never control codes. A table never wraps: when it is wider than the terminal,
 columns take their narrow form, then the least useful ones are dropped, then the flexible ones (names,
@@ -18,9 +18,9 @@ from rich.console import Console, ConsoleOptions, Group, RenderResult
 from rich.table import Table
 from rich.text import Text
 
-from fleetctl.hosts import HeartbeatRound
-from fleetctl.telemetry import GpuSample, TelemetrySnapshot
-from fleetctl.text import one_line
+from fleetctl._text import one_line
+from fleetctl.hosts.core import HeartbeatRound
+from fleetctl.telemetry.snapshot import GpuSample, TelemetrySnapshot
 
 BAR_WIDTH = 20
 GAP = 2  # what box=None with padding (0, 1) and pad_edge=False puts between two columns

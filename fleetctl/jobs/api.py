@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from fleetctl.errors import JobError, StoreError
-from fleetctl.hosts import Hosts
+from fleetctl.hosts.core import Hosts
 from fleetctl.jobs.code.snapshot import take_snapshot
 from fleetctl.jobs.code.store import CodeStore
 from fleetctl.jobs.driver import Driver, controller_live, no_controller_reason

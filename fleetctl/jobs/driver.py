@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from fleetctl.errors import StoreError
-from fleetctl.hosts import Hosts
+from fleetctl.hosts.core import Hosts
 from fleetctl.jobs.runner import JobRunner
-from fleetctl.leases import FenceSource, Membership, live_controllers
+from fleetctl.store.leases import FenceSource, Membership, live_controllers
 
 LOCK_NAME = "controller.lock"
 # A driver touches the lock file every tick; `jobs wait` lets go of the lock between its cycles, so

@@ -8,7 +8,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from fleetctl.durations import seconds_of
+from fleetctl._durations import seconds_of
 from fleetctl.errors import ConfigError
 
 JobState = Literal["queued", "dispatching", "running", "succeeded", "failed", "cancelled", "timed_out", "lost"]

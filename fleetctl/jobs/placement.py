@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from fleetctl.config import Agent
+from fleetctl.inventory.config import Agent
+from fleetctl.inventory.labels import labels_match as _labels_match
 from fleetctl.jobs.model import JobSpec
-from fleetctl.labels import labels_match as _labels_match
-from fleetctl.telemetry import GpuSample, TelemetrySnapshot
+from fleetctl.telemetry.snapshot import GpuSample, TelemetrySnapshot
 
 # A GPU no fleetctl job holds counts as used by someone else above these.
 FOREIGN_MEMORY_MIB = 1024.0

@@ -2,7 +2,7 @@
 both). Job state is written only here, by the named transitions below; each is a compare-and-set
 (``expect=``), so a ``serve`` process and a CLI cancel can never both win.
 
-A queue opened with a :class:`~fleetctl.leases.Fence` (a controller of a shared store) also checks,
+A queue opened with a :class:`~fleetctl.store.leases.Fence` (a controller of a shared store) also checks,
 in the same statement, that its controller still holds the lease of the job's agent: a controller
 that lost the agent (died, paused, partitioned) cannot move the job any more. Claims lock the job
 row (:meth:`~fleetctl.store.base.Store.for_claim`: ``FOR UPDATE SKIP LOCKED`` on PostgreSQL), so
@@ -17,11 +17,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from fleetctl.durations import utc
+from fleetctl._durations import utc
 from fleetctl.errors import JobError
 from fleetctl.jobs.model import JobRecord, JobResult, JobSpec, JobState
-from fleetctl.leases import Fence, FenceSource
 from fleetctl.store import Connection, Row, Store
+from fleetctl.store.leases import Fence, FenceSource
 
 _COLUMNS = ("id", "name", "state", "priority", "spec", "agent", "gpus", "remote_dir", "attempt", "submitted",
             "dispatched", "started", "finished", "exit_code", "signal", "reason", "result", "cancel_requested")

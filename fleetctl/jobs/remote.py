@@ -14,17 +14,17 @@ made by ``mktemp -d`` (mode 0700, unpredictable suffix). In it:
     result.json   exit code, signal and times; written to a temp name then renamed
 
 Every value that reaches the shell goes through ``shlex.quote``. The directory's name and the scan
-each heartbeat makes of such directories are host-level (``fleetctl/jobdirs.py``).
+each heartbeat makes of such directories are host-level (``fleetctl/telemetry/jobdirs.py``).
 """
 
 from __future__ import annotations
 
 import shlex
 
-from fleetctl.jobdirs import DIR_PATTERN, dir_prefix
 from fleetctl.jobs.code.manifest import TREE_DIR as CODE_TREE  # a job with code runs in its own tree there
 from fleetctl.jobs.model import JobSpec
 from fleetctl.settings import ControllerSettings, default_of
+from fleetctl.telemetry.jobdirs import DIR_PATTERN, dir_prefix
 
 KILL_GRACE_S: int = default_of(ControllerSettings, "kill_grace_s")
 

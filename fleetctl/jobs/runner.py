@@ -17,12 +17,11 @@ import signal
 import time
 from pathlib import Path
 
-from fleetctl.config import Agent
-from fleetctl.durations import utc
+from fleetctl._durations import utc
+from fleetctl._text import one_line
 from fleetctl.errors import CodeError, FleetError, JobError, LeaseLost, RemoteFileNotFound, TransportError
-from fleetctl.history import AgentStatus, agent_statuses
-from fleetctl.hosts import Hosts
-from fleetctl.jobdirs import RemoteJobDir, dir_prefix, parse_scan_line
+from fleetctl.hosts.core import Hosts
+from fleetctl.inventory.config import Agent
 from fleetctl.jobs.code.store import CodeStore
 from fleetctl.jobs.code.upload import send_code
 from fleetctl.jobs.model import ACTIVE_STATES, JobRecord, JobResult, JobState
@@ -38,11 +37,12 @@ from fleetctl.jobs.remote import (
     working_dir,
     wrapper_script,
 )
-from fleetctl.leases import FenceSource
-from fleetctl.outcomes import status_of
-from fleetctl.telemetry import GpuSample
-from fleetctl.text import one_line
-from fleetctl.transport import Connection
+from fleetctl.ssh.seam import Connection
+from fleetctl.store.leases import FenceSource
+from fleetctl.telemetry.history import AgentStatus, agent_statuses
+from fleetctl.telemetry.jobdirs import RemoteJobDir, dir_prefix, parse_scan_line
+from fleetctl.telemetry.outcomes import status_of
+from fleetctl.telemetry.snapshot import GpuSample
 
 log = logging.getLogger("fleetctl.jobs")
 LOG_TAIL_BYTES = 10 * 1024 * 1024

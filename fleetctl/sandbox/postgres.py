@@ -30,8 +30,8 @@ if sys.version_info >= (3, 11):
 else:
     import tomli as tomllib
 
-from fleetctl.config import write_atomically
 from fleetctl.errors import FleetError, SandboxError
+from fleetctl.inventory.config import write_atomically
 
 STATE_FILE = "postgres.json"
 SERVICE_USER = "fleetctl-pg"

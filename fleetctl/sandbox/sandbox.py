@@ -12,11 +12,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fleetctl.config import Agent, Bastion, Inventory, write_atomically
 from fleetctl.errors import SandboxError
-from fleetctl.gpu_tools import DEFAULT_QUERIES
+from fleetctl.inventory.config import Agent, Bastion, Inventory, write_atomically
 from fleetctl.sandbox import netns, sshd
 from fleetctl.ssh.known_hosts import fingerprint
+from fleetctl.telemetry.gpu_tools import DEFAULT_QUERIES
 
 STATE_FILE = "sandbox.json"
 MODES = ("ok", "driver_error", "no_gpus", "no_tool", "mig", "refused", "blackhole", "hung",

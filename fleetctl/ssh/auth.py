@@ -19,7 +19,7 @@ import paramiko
 from fleetctl.errors import AuthError
 from fleetctl.ssh.config_file import expand_tokens
 from fleetctl.ssh.known_hosts import fingerprint
-from fleetctl.transport import DEFAULT_IDENTITY_FILES, Hop
+from fleetctl.ssh.seam import DEFAULT_IDENTITY_FILES, Hop
 
 # Loaded private keys by (path, mtime, cert mtime): a reconnect must not re-read and re-parse the file.
 _key_cache: dict[tuple[str, int, int], paramiko.PKey] = {}

@@ -17,8 +17,8 @@ from fleetctl.errors import CommandTimeout, ConnectionLost, OutputTooLarge, Tran
 from fleetctl.ssh.errors import translated
 from fleetctl.ssh.hops import HopPool
 from fleetctl.ssh.link import ConnectOptions, Link
+from fleetctl.ssh.seam import MAX_STDERR, MAX_STDOUT, CommandResult, HostKeySeen, Route
 from fleetctl.ssh.session import SessionUnavailable, ShellSession
-from fleetctl.transport import MAX_STDERR, MAX_STDOUT, CommandResult, HostKeySeen, Route
 
 _READ_CHUNK = 1 << 16
 
@@ -237,7 +237,7 @@ def connect(route: Route, options: ConnectOptions | None = None, *, hops: HopPoo
 
 
 class Connector:
-    """Opens connections that share their bastions (the :class:`~fleetctl.transport.Connector` of a fleet)."""
+    """Opens connections that share their bastions (the :class:`~fleetctl.ssh.seam.Connector` of a fleet)."""
 
     def __init__(self, options: ConnectOptions | None = None) -> None:
         self.options = options or ConnectOptions()

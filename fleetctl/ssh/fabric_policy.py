@@ -19,7 +19,7 @@ import paramiko
 
 from fleetctl.errors import HostKeyError
 from fleetctl.ssh.hostkeys import HostKeyPolicy, preferred_algorithms, verify
-from fleetctl.transport import Hop
+from fleetctl.ssh.seam import Hop
 
 
 class FleetctlHostKeyPolicy(paramiko.MissingHostKeyPolicy):  # type: ignore[misc]

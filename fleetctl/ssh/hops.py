@@ -2,7 +2,7 @@
 ControlMaster, Fabric's ``gateway=`` and asyncssh's ``tunnel=`` do.
 
 Hosts whose routes begin with the same hops (the same resolved address, port, user, keys and
-ProxyCommand: the same :class:`~fleetctl.transport.Hop` values) share one logged-in link to each of
+ProxyCommand: the same :class:`~fleetctl.ssh.seam.Hop` values) share one logged-in link to each of
 them, at every level of a chain; each host behind is a ``direct-tcpip`` channel on it. A bastion's
 sshd thus sees one login per round, not one per host (at OpenSSH's default ``MaxStartups 10:30:100``
 the eleventh concurrent login may be dropped).
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from fleetctl.errors import TransportError
 from fleetctl.ssh.link import ConnectOptions, Link
-from fleetctl.transport import Hop
+from fleetctl.ssh.seam import Hop
 
 Chain = tuple[Hop, ...]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from fleetctl.errors import HostKeyError
 from fleetctl.ssh.known_hosts import Judgement, KnownHosts, KnownKey, fingerprint, host_id
-from fleetctl.transport import Hop
+from fleetctl.ssh.seam import Hop
 
 # Host-key algorithms paramiko negotiates for each known_hosts key type.
 ALGORITHMS_OF_TYPE = {

@@ -19,7 +19,7 @@ from fleetctl.ssh.errors import PARAMIKO_LOG_CHANNEL, quiet_paramiko, translated
 from fleetctl.ssh.hostkeys import HostKeyPolicy, preferred_algorithms, verify
 from fleetctl.ssh.known_hosts import fingerprint
 from fleetctl.ssh.proxy import ProxyProcess
-from fleetctl.transport import Hop, HostKeySeen
+from fleetctl.ssh.seam import Hop, HostKeySeen
 
 # AEAD first: it needs no separate MAC (paramiko checks MACs with a byte-by-byte Python loop, a third
 # of a heartbeat's CPU), OpenSSH prefers it too, and it sends packet lengths in clear, which the

@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 
 from fleetctl.errors import UnreachableError
-from fleetctl.transport import Hop
+from fleetctl.ssh.seam import Hop
 
 STDERR_TAIL = 2000
 SUPPORTED_TOKENS = "hpnr%"

@@ -19,10 +19,10 @@ import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from fleetctl.addresses import format_address
 from fleetctl.errors import ConfigError
+from fleetctl.ssh.addresses import format_address
 from fleetctl.ssh.config_file import ParsedConfig, expand_hostname, parse_config
-from fleetctl.transport import DEFAULT_IDENTITY_FILES as DEFAULT_IDENTITIES
+from fleetctl.ssh.seam import DEFAULT_IDENTITY_FILES as DEFAULT_IDENTITIES
 
 MAX_JUMP_DEPTH = 8
 INVENTORY = "inventory"

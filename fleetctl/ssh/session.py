@@ -26,7 +26,7 @@ import paramiko
 from fleetctl.errors import CommandTimeout, ConnectionLost, OutputTooLarge
 from fleetctl.ssh import lean_sync
 from fleetctl.ssh.errors import translated
-from fleetctl.transport import CommandResult
+from fleetctl.ssh.seam import CommandResult
 
 _READ_CHUNK = 1 << 16
 _BLOCK = 512  # ulimit -f counts 512-byte blocks

@@ -72,7 +72,7 @@ class Store(abc.ABC):
     #: The database's own clock, in Unix seconds, as SQL: leases expire by one clock for every controller.
     clock_sql: ClassVar[str]
     #: True where controllers on several machines may use the store at once, splitting the agents by
-    #: leases in it (:mod:`fleetctl.leases`); False where the store is a file in one state dir, whose
+    #: leases in it (:mod:`fleetctl.store.leases`); False where the store is a file in one state dir, whose
     #: controller lock already makes one process the only controller.
     shared: ClassVar[bool]
     #: The column types of :mod:`fleetctl.store.schema` in this backend's dialect.

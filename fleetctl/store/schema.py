@@ -52,7 +52,7 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX job_events_job ON job_events (job_id, ts);
     """,
-    # 2: several controllers on one store (fleetctl.leases). Each live controller has a row it renews;
+    # 2: several controllers on one store (fleetctl.store.leases). Each live controller has a row it renews;
     # each agent has at most one lease, and its token grows with every new holder. Rows written by a
     # controller name it, so a fenced one can be shown to have written nothing.
     """

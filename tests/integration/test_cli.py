@@ -10,9 +10,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fleetctl.config import load_config
-from fleetctl.frames import COLUMNS
+from fleetctl.inventory.config import load_config
 from fleetctl.sandbox import Sandbox
+from fleetctl.telemetry.frames import COLUMNS
 from tests.conftest import needs_netns, run_cli
 
 

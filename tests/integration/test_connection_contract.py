@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from fleetctl.config import load_config
 from fleetctl.errors import ConnectionLost, RemoteFileNotFound
-from fleetctl.routes import route_for
+from fleetctl.inventory.config import load_config
+from fleetctl.inventory.routes import route_for
 from fleetctl.sandbox import Sandbox
 from fleetctl.ssh import connect
+from fleetctl.ssh.seam import CommandResult, Connection
 from fleetctl.testing import ScriptedConnection
-from fleetctl.transport import CommandResult, Connection
 
 pytestmark = pytest.mark.no_store
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from fleetctl.fleet import Fleet
-from fleetctl.leases import assign, controller_rows
 from fleetctl.sandbox import HostSpec, Sandbox
 from fleetctl.store import Store, open_store
+from fleetctl.store.leases import assign, controller_rows
 from fleetctl.store.postgres import IDLE_IN_TRANSACTION_MS
 from tests.conftest import require_sshd, run_cli
 from tests.waiting import wait_for

@@ -15,10 +15,10 @@ import pytest
 
 fabric = pytest.importorskip("fabric")
 
-from fleetctl.config import load_config  # noqa: E402
 from fleetctl.errors import ConfigError, HostKeyError  # noqa: E402
 from fleetctl.fabric import connection, group  # noqa: E402
 from fleetctl.fleet import Fleet  # noqa: E402
+from fleetctl.inventory.config import load_config  # noqa: E402
 from fleetctl.sandbox import Sandbox  # noqa: E402
 from fleetctl.ssh.fabric_policy import FleetctlHostKeyPolicy  # noqa: E402
 from tests.conftest import needs_netns  # noqa: E402

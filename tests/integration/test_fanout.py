@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from fleetctl.config import load_config
 from fleetctl.errors import ConfigError, UnknownAgentError
-from fleetctl.fanout import FanoutResult
 from fleetctl.fleet import Fleet
+from fleetctl.hosts.fanout import FanoutResult
+from fleetctl.inventory.config import load_config
 from fleetctl.sandbox import Sandbox
 from tests.conftest import run_cli
 

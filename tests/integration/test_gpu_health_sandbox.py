@@ -9,22 +9,22 @@ from typing import Any
 
 import pytest
 
-from fleetctl.config import load_config
 from fleetctl.errors import CommandTimeout
-from fleetctl.gpu_health import judge
-from fleetctl.parsers.amd_health import BAD_PAGES_COMMAND, METRIC_COMMAND, STATIC_COMMAND, findings_of_amd, parse_amd_health
-from fleetctl.parsers.nvidia_health import (
+from fleetctl.inventory.config import load_config
+from fleetctl.inventory.routes import route_for
+from fleetctl.sandbox import HostSpec, Sandbox
+from fleetctl.ssh import connect
+from fleetctl.ssh.seam import Connection
+from fleetctl.telemetry.gpu_health import judge
+from fleetctl.telemetry.parsers.amd_health import BAD_PAGES_COMMAND, METRIC_COMMAND, STATIC_COMMAND, findings_of_amd, parse_amd_health
+from fleetctl.telemetry.parsers.nvidia_health import (
     findings_of,
     health_query_command,
     missing_gpus,
     parse_health_csv,
     parse_help_query_gpu,
 )
-from fleetctl.parsers.xid import kernel_log_command, parse_kernel_log
-from fleetctl.routes import route_for
-from fleetctl.sandbox import HostSpec, Sandbox
-from fleetctl.ssh import connect
-from fleetctl.transport import Connection
+from fleetctl.telemetry.parsers.xid import kernel_log_command, parse_kernel_log
 from tests.conftest import require_sshd
 
 pytestmark = pytest.mark.no_store  # never opens a store

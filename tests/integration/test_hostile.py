@@ -14,11 +14,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fleetctl import heartbeat
 from fleetctl.fleet import Fleet
-from fleetctl.parsers import parse_gpu_output
 from fleetctl.sandbox import HostSpec, Sandbox
 from fleetctl.sandbox.gpusim import HOSTILE_TEXT
+from fleetctl.telemetry import heartbeat
+from fleetctl.telemetry.parsers import parse_gpu_output
 from tests.conftest import require_sshd
 
 # The round's controller (a `fleetctl heartbeat` process, pandas and paramiko loaded) peaks near

@@ -22,7 +22,7 @@ from fleetctl.jobs.model import JobRecord
 from fleetctl.jobs.queue import JobQueue
 from fleetctl.sandbox import HostSpec, Sandbox
 from fleetctl.ssh import connect
-from fleetctl.transport import Connection, Route
+from fleetctl.ssh.seam import Connection, Route
 from tests.conftest import require_sshd, run_cli
 
 CONTROLLER = "[controller]\nkill_grace_s = 1\noffline_after_misses = 2\n"

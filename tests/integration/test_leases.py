@@ -9,13 +9,13 @@ from datetime import datetime, timezone
 
 import pytest
 
-from fleetctl.health import HealthPolicy
-from fleetctl.history import record
 from fleetctl.jobs.model import JobSpec
 from fleetctl.jobs.queue import JobQueue
-from fleetctl.leases import Fence, Membership, assign, controller_rows, live_controllers, rendezvous_owner
 from fleetctl.store import Store
-from fleetctl.telemetry import TelemetrySnapshot
+from fleetctl.store.leases import Fence, Membership, assign, controller_rows, live_controllers, rendezvous_owner
+from fleetctl.telemetry.health import HealthPolicy
+from fleetctl.telemetry.history import record
+from fleetctl.telemetry.snapshot import TelemetrySnapshot
 from tests.waiting import wait_for
 
 AGENTS = [f"gpu-{n:02d}" for n in range(20)]

@@ -23,12 +23,12 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fleetctl.errors import ConfigError
-from fleetctl.health import HealthPolicy
-from fleetctl.history import record
-from fleetctl.metrics import MAX_LABEL_CHARS, FleetCollector, parse_address, registry_for
 from fleetctl.sandbox import HostSpec, Sandbox
+from fleetctl.serve.metrics import MAX_LABEL_CHARS, FleetCollector, parse_address, registry_for
 from fleetctl.store import SQLiteStore
-from fleetctl.telemetry import GpuSample, TelemetrySnapshot
+from fleetctl.telemetry.health import HealthPolicy
+from fleetctl.telemetry.history import record
+from fleetctl.telemetry.snapshot import GpuSample, TelemetrySnapshot
 from tests.conftest import require_sshd, run_cli
 from tests.waiting import poll
 

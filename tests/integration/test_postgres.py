@@ -13,17 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from fleetctl.config import ControllerSettings, Inventory
 from fleetctl.errors import ConfigError, StoreError
 from fleetctl.fleet import Fleet
-from fleetctl.health import HealthPolicy
-from fleetctl.history import history, record
+from fleetctl.inventory.config import ControllerSettings, Inventory
 from fleetctl.paths import STORE_ENV, store_url
 from fleetctl.sandbox.postgres import PostgresCluster
 from fleetctl.store import SQLiteStore, open_store
 from fleetctl.store.postgres import MAX_PARAMETERS, PostgresStore, values_group
 from fleetctl.store.schema import MIGRATIONS, statements
-from fleetctl.telemetry import GpuSample, TelemetrySnapshot
+from fleetctl.telemetry.health import HealthPolicy
+from fleetctl.telemetry.history import history, record
+from fleetctl.telemetry.snapshot import GpuSample, TelemetrySnapshot
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.postgres
@@ -138,7 +138,7 @@ def test_sandbox_up_postgres_writes_the_store_and_down_stops_it(tmp_path: Path) 
 def test_metrics_read_the_postgres_store(postgres_url: str, tmp_path: Path) -> None:
     import urllib.request
 
-    from fleetctl.metrics import parse_address, serve_metrics
+    from fleetctl.serve.metrics import parse_address, serve_metrics
 
     store = open_store(postgres_url, tmp_path)
     try:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from fleetctl.config import load_config
 from fleetctl.errors import (
     AuthError,
     CommandTimeout,
@@ -20,11 +19,12 @@ from fleetctl.errors import (
     OutputTooLarge,
     UnreachableError,
 )
-from fleetctl.routes import route_for
+from fleetctl.inventory.config import load_config
+from fleetctl.inventory.routes import route_for
 from fleetctl.sandbox import Sandbox
 from fleetctl.ssh import ConnectOptions, HostKeyPolicy, connect
 from fleetctl.ssh.known_hosts import KnownHosts
-from fleetctl.transport import Hop, Route
+from fleetctl.ssh.seam import Hop, Route
 from tests.conftest import needs_netns
 
 pytestmark = pytest.mark.no_store  # never opens a store: the PostgreSQL pass deselects it

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from fleetctl.config import load_config
 from fleetctl.errors import AuthError, HostKeyError
 from fleetctl.fleet import Fleet
-from fleetctl.routes import resolver_for, route_for
+from fleetctl.inventory.config import load_config
+from fleetctl.inventory.routes import resolver_for, route_for
 from fleetctl.sandbox import Sandbox, sshd
 from fleetctl.sandbox.sandbox import _free_port
 from fleetctl.ssh import ConnectOptions, HostKeyPolicy, KnownHosts, connect
@@ -171,7 +171,7 @@ def _options(tmp_path: Path) -> ConnectOptions:
 
 
 def _route_to(isolated_env: Path, alias: str):  # type: ignore[no-untyped-def]
-    from fleetctl.config import Agent, ControllerSettings
+    from fleetctl.inventory.config import Agent, ControllerSettings
 
     return route_for(Agent(name="a", ssh_config_host=alias), resolver_for(ControllerSettings()))
 

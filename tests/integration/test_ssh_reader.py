@@ -20,16 +20,16 @@ from pathlib import Path
 import pytest
 from paramiko.ssh_exception import SSHException
 
-from fleetctl.config import load_config
 from fleetctl.errors import CommandTimeout, ConnectionLost
-from fleetctl.routes import route_for
+from fleetctl.inventory.config import load_config
+from fleetctl.inventory.routes import route_for
 from fleetctl.sandbox import Sandbox, sshd
 from fleetctl.sandbox.sandbox import _free_port
 from fleetctl.ssh import connect, fastpath
 from fleetctl.ssh.known_hosts import fingerprint
 from fleetctl.ssh.loop import MAX_PACKET, Transport
 from fleetctl.ssh.reader import shared_reader
-from fleetctl.transport import Hop, Route
+from fleetctl.ssh.seam import Hop, Route
 from tests.conftest import require_sshd
 from tests.waiting import wait_until
 

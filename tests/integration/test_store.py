@@ -24,15 +24,15 @@ import psycopg
 import pytest
 
 from fleetctl.errors import StoreError
-from fleetctl.health import HealthPolicy
-from fleetctl.history import record
 from fleetctl.jobs.model import JobSpec
 from fleetctl.jobs.queue import JobQueue
 from fleetctl.sandbox import Sandbox
 from fleetctl.store import SQLiteStore, Store, open_store
 from fleetctl.store.postgres import PostgresStore
 from fleetctl.store.schema import SCHEMA_VERSION
-from fleetctl.telemetry import GpuSample, TelemetrySnapshot
+from fleetctl.telemetry.health import HealthPolicy
+from fleetctl.telemetry.history import record
+from fleetctl.telemetry.snapshot import GpuSample, TelemetrySnapshot
 from tests.conftest import run_cli
 from tests.processes import run_together
 

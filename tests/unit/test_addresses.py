@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from fleetctl.addresses import Address, format_address, parse_address, parse_worker_file
 from fleetctl.errors import ConfigError
+from fleetctl.ssh.addresses import Address, format_address, parse_address, parse_worker_file
 
 pytestmark = pytest.mark.no_store  # never opens a store: the PostgreSQL pass deselects it
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from fleetctl.config import Agent, edit_inventory, load_config, parse_inventory
 from fleetctl.errors import ConfigError, UnknownAgentError
+from fleetctl.inventory.config import Agent, edit_inventory, load_config, parse_inventory
 
 pytestmark = pytest.mark.no_store  # never opens a store: the PostgreSQL pass deselects it
 

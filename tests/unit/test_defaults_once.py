@@ -20,7 +20,7 @@ import pytest
 from pydantic import BaseModel
 
 import fleetctl
-from fleetctl.config import Agent
+from fleetctl.inventory.config import Agent
 from fleetctl.jobs.model import JobSpec
 from fleetctl.settings import ControllerSettings
 

@@ -6,12 +6,12 @@ from datetime import datetime, timezone
 
 import pytest
 
-import fleetctl.gpu_health as gpu_health
+import fleetctl.telemetry.gpu_health as gpu_health
 from fleetctl.errors import ConfigError
-from fleetctl.gpu_health import DEFAULT_TABLE, Rule, judge, table_markdown, table_with
-from fleetctl.parsers.findings import KINDS, Finding
-from fleetctl.parsers.nvidia_health import findings_of, parse_health_csv
-from fleetctl.parsers.xid import parse_kernel_log
+from fleetctl.telemetry.gpu_health import DEFAULT_TABLE, Rule, judge, table_markdown, table_with
+from fleetctl.telemetry.parsers.findings import KINDS, Finding
+from fleetctl.telemetry.parsers.nvidia_health import findings_of, parse_health_csv
+from fleetctl.telemetry.parsers.xid import parse_kernel_log
 from tests.shared import FIXTURES
 
 NOW = datetime(2026, 9, 14, 9, 20, tzinfo=timezone.utc).timestamp()

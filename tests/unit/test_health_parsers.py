@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from fleetctl.errors import ParseError
-from fleetctl.parsers.amd_health import findings_of_amd, parse_amd_health
-from fleetctl.parsers.findings import Finding, normalize_bus_id
-from fleetctl.parsers.nvidia_health import (
+from fleetctl.telemetry.parsers.amd_health import findings_of_amd, parse_amd_health
+from fleetctl.telemetry.parsers.findings import Finding, normalize_bus_id
+from fleetctl.telemetry.parsers.nvidia_health import (
     HEALTH_FIELDS,
     fields_after_refusal,
     findings_of,
@@ -24,7 +24,7 @@ from fleetctl.parsers.nvidia_health import (
     parse_help_query_gpu,
     refused_field,
 )
-from fleetctl.parsers.xid import kernel_log_command, parse_kernel_log
+from fleetctl.telemetry.parsers.xid import kernel_log_command, parse_kernel_log
 from tests.shared import FIXTURES, REAL_CAPTURES, require_shared
 
 HEALTH = FIXTURES / "health"

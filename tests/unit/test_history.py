@@ -10,17 +10,17 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fleetctl.config import Agent, Inventory
 from fleetctl.errors import ConfigError, ConnectionLost, UnreachableError
 from fleetctl.fleet import Fleet
-from fleetctl.frames import COLUMNS, append_csv, to_dataframe
-from fleetctl.health import Health, HealthPolicy, advance
-from fleetctl.heartbeat import MARK
-from fleetctl.history import history, parse_since, prune, record
+from fleetctl.inventory.config import Agent, Inventory
+from fleetctl.ssh.seam import CommandResult, Route
 from fleetctl.store import Store, open_store
-from fleetctl.telemetry import GpuSample, TelemetrySnapshot
+from fleetctl.telemetry.frames import COLUMNS, append_csv, to_dataframe
+from fleetctl.telemetry.health import Health, HealthPolicy, advance
+from fleetctl.telemetry.heartbeat import MARK
+from fleetctl.telemetry.history import history, parse_since, prune, record
+from fleetctl.telemetry.snapshot import GpuSample, TelemetrySnapshot
 from fleetctl.testing import Answer, ScriptedConnection
-from fleetctl.transport import CommandResult, Route
 
 POLICY = HealthPolicy(offline_after_misses=3, offline_grace_s=600)
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc)
@@ -149,7 +149,7 @@ def test_fleet_reopens_a_dead_connection_and_never_stops_at_a_bad_host(tmp_path:
 def test_serve_writes_beats_in_batches_and_loses_none_when_it_stops(tmp_path: Path) -> None:
     import threading
 
-    from fleetctl.controller import Controller
+    from fleetctl.serve.controller import Controller
 
     query = "nvidia-smi --query-gpu=index,uuid,name,memory.total,memory.used,memory.free,utilization.gpu," \
             "temperature.gpu,power.draw,power.limit --format=csv,noheader,nounits"

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from pathspec import GitIgnoreSpec
 
-from fleetctl.config import ControllerSettings
 from fleetctl.errors import CodeError, TransportError
+from fleetctl.inventory.config import ControllerSettings
 from fleetctl.jobs.code.host import MISSING, NEED_TREE, code_command
 from fleetctl.jobs.code.ignores import IgnoreRules, Level
 from fleetctl.jobs.code.manifest import Entry, Manifest, blob_archive, link_escapes, tree_archive, unsafe_path
@@ -24,8 +24,8 @@ from fleetctl.jobs.code.snapshot import take_snapshot, walk
 from fleetctl.jobs.code.store import CodeStore
 from fleetctl.jobs.code.upload import archives, send_code
 from fleetctl.jobs.model import CodeRef
+from fleetctl.ssh.seam import CommandResult, Hop, Route
 from fleetctl.testing import ScriptedConnection
-from fleetctl.transport import CommandResult, Hop, Route
 
 pytestmark = pytest.mark.no_store
 

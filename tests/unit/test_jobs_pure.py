@@ -7,12 +7,12 @@ import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fleetctl.config import Agent
-from fleetctl.jobdirs import parse_scan_line
+from fleetctl.inventory.config import Agent
 from fleetctl.jobs.model import JobSpec
 from fleetctl.jobs.placement import Candidate, never_satisfiable, place, waiting_reason
 from fleetctl.jobs.remote import remove_command, wrapper_script
-from fleetctl.telemetry import GpuSample, HostBasics, TelemetrySnapshot
+from fleetctl.telemetry.jobdirs import parse_scan_line
+from fleetctl.telemetry.snapshot import GpuSample, HostBasics, TelemetrySnapshot
 
 
 def candidate(name: str, gpus: int, *, used: tuple[int, ...] = (), held: tuple[int, ...] = (), load: float = 0.0,

@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from fleetctl import errors, parsers
-from fleetctl.parsers import parse_gpu_output
+from fleetctl import errors
+from fleetctl.telemetry import parsers
+from fleetctl.telemetry.parsers import parse_gpu_output
 from tests.shared import FIXTURES, PEERS, require_shared
 
 pytestmark = pytest.mark.no_store  # never opens a store: the PostgreSQL pass deselects it

@@ -10,11 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import fleetctl.parsers
+import fleetctl.telemetry.parsers
 from fleetctl.errors import DriverError, ParseError, ToolMissingError
-from fleetctl.parsers import InvalidQueryError, NoGpusError, parse_gpu_output
-from fleetctl.parsers.values import MAX_EXTRA_FIELDS, MAX_EXTRA_TEXT, MAX_KEY_TEXT
-from fleetctl.telemetry import MAX_TEXT, GpuSample
+from fleetctl.telemetry.parsers import InvalidQueryError, NoGpusError, parse_gpu_output
+from fleetctl.telemetry.parsers.values import MAX_EXTRA_FIELDS, MAX_EXTRA_TEXT, MAX_KEY_TEXT
+from fleetctl.telemetry.snapshot import MAX_TEXT, GpuSample
 from tests.shared import REAL_CAPTURES, require_shared
 
 pytestmark = pytest.mark.no_store  # never opens a store: the PostgreSQL pass deselects it
@@ -265,7 +265,7 @@ def test_a_failed_tools_message_is_one_bounded_line() -> None:
 def test_anything_a_parser_overlooked_becomes_a_parse_error(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(stdout: str, max_gpus: int) -> list[GpuSample]:
         raise KeyError("gpu")
-    monkeypatch.setattr(fleetctl.parsers, "parse_amd_smi", broken)
+    monkeypatch.setattr(fleetctl.telemetry.parsers, "parse_amd_smi", broken)
     with pytest.raises(ParseError, match="unreadable amd-smi output: KeyError") as caught:
         parse_gpu_output("amd-smi metric --json", "[]")
     assert isinstance(caught.value.__cause__, KeyError)

@@ -6,15 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from fleetctl import fanout, leases, routes
-from fleetctl.config import Agent, Inventory, parse_inventory
 from fleetctl.errors import ConfigError
 from fleetctl.fleet import DEFAULT_MAX_PARALLEL_SSH, Fleet
-from fleetctl.health import HealthPolicy
+from fleetctl.hosts import fanout
+from fleetctl.inventory import routes
+from fleetctl.inventory.config import Agent, Inventory, parse_inventory
 from fleetctl.jobs import remote
 from fleetctl.paths import config_setting, state_setting, store_url
 from fleetctl.settings import OVERRIDE_ORDER, ControllerSettings, default_of, layered, pick
-from fleetctl.transport import Route
+from fleetctl.ssh.seam import Route
+from fleetctl.store import leases
+from fleetctl.telemetry.health import HealthPolicy
 
 pytestmark = pytest.mark.no_store  # never opens a store: the PostgreSQL pass deselects it
 

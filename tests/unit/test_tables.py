@@ -11,7 +11,7 @@ from rich.console import Console, RenderableType
 from fleetctl.cli.keys import parse
 from fleetctl.cli.tables import TopData, TopScreen, fleet_table, power_text, top_frame, top_table
 from fleetctl.fleet import HeartbeatRound
-from fleetctl.telemetry import GpuSample, TelemetrySnapshot
+from fleetctl.telemetry.snapshot import GpuSample, TelemetrySnapshot
 
 pytestmark = pytest.mark.no_store  # never opens a store: the PostgreSQL pass deselects it
 

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 from rich.text import Text
 
+from fleetctl._text import one_line, visible
 from fleetctl.cli.common import _Console, iso_utc, json_ready, parse_labels
 from fleetctl.errors import ConfigError
 from fleetctl.fleet import HeartbeatRound
-from fleetctl.frames import append_csv, csv_safe, csv_text, neutralise_cell, to_dataframe, write_csv
 from fleetctl.jobs.model import JobRecord, JobResult, JobSpec
-from fleetctl.telemetry import GpuSample, TelemetrySnapshot
-from fleetctl.text import one_line, visible
+from fleetctl.telemetry.frames import append_csv, csv_safe, csv_text, neutralise_cell, to_dataframe, write_csv
+from fleetctl.telemetry.snapshot import GpuSample, TelemetrySnapshot
 
 pytestmark = pytest.mark.no_store  # never opens a store: the PostgreSQL pass deselects it
 

@@ -13,15 +13,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from fleetctl.config import ControllerSettings
+from fleetctl._text import one_line
 from fleetctl.errors import CodeError, TransportError
+from fleetctl.inventory.config import ControllerSettings
 from fleetctl.jobs.code.host import MISSING, NEED_TREE, code_command, tree_name, upload_name
 from fleetctl.jobs.code.manifest import Entry, blob_archive
 from fleetctl.jobs.code.progress import CodeProgress, current
 from fleetctl.jobs.code.store import CodeStore, human_bytes
 from fleetctl.jobs.model import CodeRef
-from fleetctl.text import one_line
-from fleetctl.transport import MAX_STDOUT, Connection
+from fleetctl.ssh.seam import MAX_STDOUT, Connection
 
 ARCHIVE_BYTES = 8 * 1024 * 1024
 

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from fleetctl.addresses import format_address
 from fleetctl.errors import CommandFailed
 from fleetctl.settings import HostTimeouts, default_of
+from fleetctl.ssh.addresses import format_address
 
 # Every read from a host is bounded: a tool that prints forever must not take the controller's memory.
 MAX_STDOUT = 16 * 1024 * 1024

@@ -8,13 +8,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Optional
 
-from fleetctl.durations import seconds_of
+from fleetctl._durations import seconds_of
 from fleetctl.errors import ConfigError
-from fleetctl.frames import COLUMNS, snapshot_tuples, typed_frame
-from fleetctl.health import Health, HealthPolicy, advance
-from fleetctl.leases import Fence
 from fleetctl.store import Store
-from fleetctl.telemetry import TelemetrySnapshot
+from fleetctl.store.leases import Fence
+from fleetctl.telemetry.frames import COLUMNS, snapshot_tuples, typed_frame
+from fleetctl.telemetry.health import Health, HealthPolicy, advance
+from fleetctl.telemetry.snapshot import TelemetrySnapshot
 
 if TYPE_CHECKING:
     import pandas as pd

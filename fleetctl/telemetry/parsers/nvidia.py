@@ -8,8 +8,8 @@ import re
 import shlex
 
 from fleetctl.errors import ParseError
-from fleetctl.parsers.values import bounded_extra, derive_memory, index_of, is_missing, number, to_mib
-from fleetctl.telemetry import GpuSample
+from fleetctl.telemetry.parsers.values import bounded_extra, derive_memory, index_of, is_missing, number, to_mib
+from fleetctl.telemetry.snapshot import GpuSample
 
 # Typed field -> the query names that feed it, first found wins.
 FIELD_SOURCES: dict[str, tuple[str, ...]] = {

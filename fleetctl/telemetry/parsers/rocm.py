@@ -8,8 +8,8 @@ import re
 from typing import Any
 
 from fleetctl.errors import ParseError
-from fleetctl.parsers.values import bounded_extra, derive_memory, index_of, is_missing, number, to_mib
-from fleetctl.telemetry import GpuSample
+from fleetctl.telemetry.parsers.values import bounded_extra, derive_memory, index_of, is_missing, number, to_mib
+from fleetctl.telemetry.snapshot import GpuSample
 
 _CARD = re.compile(r"^card([0-9]{1,9})$")  # more digits is no card index (and int() refuses 4300)
 # Typed field -> rocm-smi keys across versions, compared case-insensitively, first present wins.

@@ -7,10 +7,10 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, Field, field_validator
 
-from fleetctl.text import one_line
+from fleetctl._text import one_line
 
 Vendor = Literal["nvidia", "amd"]
-# ok / no_gpus, or the host's error status from the one table in fleetctl.outcomes.
+# ok / no_gpus, or the host's error status from the one table in fleetctl.telemetry.outcomes.
 Status = Literal["ok", "no_gpus", "host_key_mismatch", "auth_failed", "bastion_unreachable", "timeout", "connection_lost",
                  "unreachable", "config_error", "tool_missing", "driver_error", "parse_error", "error"]
 GOOD_STATUSES = ("ok", "no_gpus")

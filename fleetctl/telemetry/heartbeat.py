@@ -14,15 +14,15 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from fleetctl.config import Agent
+from fleetctl._text import one_line
 from fleetctl.errors import FleetError
-from fleetctl.gpu_tools import DEFAULT_QUERIES
-from fleetctl.jobdirs import SCAN_MARK, SCAN_SCRIPT, parse_scan_line
-from fleetctl.outcomes import status_of
-from fleetctl.parsers import NoGpusError, parse_gpu_output
-from fleetctl.telemetry import GpuSample, HostBasics, Status, TelemetrySnapshot
-from fleetctl.text import one_line
-from fleetctl.transport import CommandResult
+from fleetctl.inventory.config import Agent
+from fleetctl.ssh.seam import CommandResult
+from fleetctl.telemetry.gpu_tools import DEFAULT_QUERIES
+from fleetctl.telemetry.jobdirs import SCAN_MARK, SCAN_SCRIPT, parse_scan_line
+from fleetctl.telemetry.outcomes import status_of
+from fleetctl.telemetry.parsers import NoGpusError, parse_gpu_output
+from fleetctl.telemetry.snapshot import GpuSample, HostBasics, Status, TelemetrySnapshot
 
 MARK = "\x1efleetctl"  # ASCII record separator: never in tool output
 # Bounded reads: past these the channel is closed and the host's status is parse_error ("larger

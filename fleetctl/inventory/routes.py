@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from fleetctl.config import Agent, Bastion
+from fleetctl.inventory.config import Agent, Bastion
 from fleetctl.settings import ControllerSettings, default_of, layered
 from fleetctl.ssh.resolve import Resolved, SshConfigResolver, SshOptions
-from fleetctl.transport import Hop, Route
+from fleetctl.ssh.seam import Hop, Route
 
 DEFAULT_CONNECT_TIMEOUT_S: float = default_of(Agent, "connect_timeout_s")
 

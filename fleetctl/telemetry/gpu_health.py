@@ -1,6 +1,6 @@
 """GPU health judgment: findings in, one verdict per GPU out, with a one-line reason. Pure; no I/O.
 
-Each finding (see :mod:`fleetctl.parsers.findings`) is looked up in one table, first by
+Each finding (see :mod:`fleetctl.telemetry.parsers.findings`) is looked up in one table, first by
 ``kind:code`` (``xid:79``, ``recovery_action:reset``), then by ``kind`` alone. A verdict is
 
 * ``ok``: recorded and exported, nothing else;
@@ -80,7 +80,7 @@ from datetime import datetime, timezone, tzinfo
 from typing import Literal
 
 from fleetctl.errors import ConfigError
-from fleetctl.parsers.findings import KINDS, Finding
+from fleetctl.telemetry.parsers.findings import KINDS, Finding
 
 Verdict = Literal["ok", "unknown", "degraded", "failed"]
 VERDICTS: tuple[Verdict, ...] = ("ok", "unknown", "degraded", "failed")  # worst last

@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fleetctl.config import edit_inventory
 from fleetctl.errors import HostKeyError
-from fleetctl.hosts import Hosts
+from fleetctl.hosts.core import Hosts
+from fleetctl.inventory.config import edit_inventory
 from fleetctl.ssh import probe_host_key
 from fleetctl.ssh.hostkeys import hop_files, lookup_name
 from fleetctl.ssh.known_hosts import KnownKey
-from fleetctl.transport import HostKeySeen
+from fleetctl.ssh.seam import HostKeySeen
 
 
 @dataclass(frozen=True)

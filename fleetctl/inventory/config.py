@@ -21,11 +21,11 @@ from typing import Any, Optional
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from fleetctl.addresses import format_address
 from fleetctl.errors import ConfigError, UnknownAgentError
 from fleetctl.paths import config_path
 from fleetctl.settings import ControllerSettings as ControllerSettings  # its home before fleetctl.settings: still importable here
 from fleetctl.settings import HostTimeouts, LayeredSettings, default_of, layered
+from fleetctl.ssh.addresses import format_address
 
 if sys.version_info >= (3, 11):
     import tomllib

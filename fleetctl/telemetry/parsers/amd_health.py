@@ -18,8 +18,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from fleetctl.errors import ParseError
-from fleetctl.parsers.findings import Finding, clip, normalize_bus_id
-from fleetctl.parsers.rocm import _amd_index
+from fleetctl.telemetry.parsers.findings import Finding, clip, normalize_bus_id
+from fleetctl.telemetry.parsers.rocm import _amd_index
 
 METRIC_COMMAND = "amd-smi metric --ecc --pcie --json"
 STATIC_COMMAND = "amd-smi static --bus --ras --json"

@@ -7,9 +7,9 @@ import re
 import shlex
 
 from fleetctl.errors import DriverError, InvalidQueryError, NoGpusError, ParseError, ToolMissingError
-from fleetctl.parsers.nvidia import parse_nvidia_csv
-from fleetctl.parsers.rocm import parse_amd_smi, parse_rocm_csv, parse_rocm_json
-from fleetctl.telemetry import GpuSample
+from fleetctl.telemetry.parsers.nvidia import parse_nvidia_csv
+from fleetctl.telemetry.parsers.rocm import parse_amd_smi, parse_rocm_csv, parse_rocm_json
+from fleetctl.telemetry.snapshot import GpuSample
 
 _DRIVER_FAILURES = (
     re.compile(r"couldn't communicate with the NVIDIA driver[^\n]*", re.I),

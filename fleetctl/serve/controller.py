@@ -1,6 +1,6 @@
 """``fleetctl serve``: the long-running controller. APScheduler runs each leased agent's heartbeat
 on its own interval (coalescing missed runs, never two of one agent at once), renews this
-controller's leases every ``lease_s / 3`` (:mod:`fleetctl.leases`: on a shared store, several
+controller's leases every ``lease_s / 3`` (:mod:`fleetctl.store.leases`: on a shared store, several
 controllers split the fleet and take over each other's agents) and, when a job driver is attached,
 a scheduler tick that places, dispatches and collects jobs on the agents it leases.
 
@@ -22,13 +22,13 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from fleetctl.config import Agent
+from fleetctl._text import one_line
 from fleetctl.errors import StoreError
 from fleetctl.fleet import Fleet
+from fleetctl.inventory.config import Agent
 from fleetctl.jobs.driver import Driver
-from fleetctl.leases import LeaseChange, Membership
-from fleetctl.telemetry import TelemetrySnapshot
-from fleetctl.text import one_line
+from fleetctl.store.leases import LeaseChange, Membership
+from fleetctl.telemetry.snapshot import TelemetrySnapshot
 
 log = logging.getLogger("fleetctl.serve")
 RECORD_EVERY_S = 0.5

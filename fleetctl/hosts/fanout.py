@@ -13,22 +13,22 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from fleetctl.config import Agent
+from fleetctl._text import one_line
 from fleetctl.errors import (
     ConfigError,
     ConnectionLost,
     FleetError,
     OutputTooLarge,
 )
-from fleetctl.labels import labels_match
-from fleetctl.outcomes import status_of
+from fleetctl.inventory.config import Agent
+from fleetctl.inventory.labels import labels_match
 from fleetctl.settings import default_of
-from fleetctl.text import one_line
+from fleetctl.telemetry.outcomes import status_of
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from fleetctl.hosts import Hosts
+    from fleetctl.hosts.core import Hosts
 
 # Per host. Smaller than a heartbeat's bound: a fan-out holds every host's output at once.
 MAX_STDOUT = 1024 * 1024
@@ -36,7 +36,7 @@ MAX_STDERR = 256 * 1024
 DEFAULT_TIMEOUT_S: float = default_of(Agent, "command_timeout_s")
 
 # ok / failed: the command ran (exit 0 or not); truncated: it ran and its output passed the limit;
-# anything else: the host's error status (fleetctl.outcomes), the same a heartbeat would give.
+# anything else: the host's error status (fleetctl.telemetry.outcomes), the same a heartbeat would give.
 Status = Literal["ok", "failed", "truncated", "host_key_mismatch", "auth_failed", "bastion_unreachable", "timeout",
                  "connection_lost", "unreachable", "config_error", "tool_missing", "driver_error", "parse_error", "error"]
 COLUMNS = ["agent", "status", "exit_code", "duration_s", "stdout", "stderr", "error"]

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fleetctl.errors import ConfigError
-from fleetctl.telemetry import TelemetrySnapshot
+from fleetctl.telemetry.snapshot import TelemetrySnapshot
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -120,7 +120,7 @@ def append_csv(path: str | os.PathLike[str], frame: pd.DataFrame) -> int:
 
 def write_csv(path: str | os.PathLike[str], frame: pd.DataFrame) -> None:
     """Replace ``path`` with the rows: written beside it, then renamed, so readers never see half."""
-    from fleetctl.config import write_atomically
+    from fleetctl.inventory.config import write_atomically
 
     target = csv_target(path)
     try:

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from fleetctl.parsers.findings import Finding, clip, normalize_bus_id
+from fleetctl.telemetry.parsers.findings import Finding, clip, normalize_bus_id
 
 MAX_LINES = 2000        # lines read per beat; an Xid storm past this is cut (and says so)
 MAX_LINE = 4096         # characters of one line looked at

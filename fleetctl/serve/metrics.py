@@ -28,18 +28,18 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from fleetctl.errors import ConfigError, FleetError
-from fleetctl.health import Health, HealthState
-from fleetctl.history import AgentStatus, agent_statuses
 from fleetctl.jobs.model import JobState
 from fleetctl.store import Store, open_store
-from fleetctl.telemetry import GpuSample, Status, TelemetrySnapshot
+from fleetctl.telemetry.health import Health, HealthState
+from fleetctl.telemetry.history import AgentStatus, agent_statuses
+from fleetctl.telemetry.snapshot import GpuSample, Status, TelemetrySnapshot
 
 MAX_LABEL_CHARS = 128  # hosts write model names and UUIDs: a bound keeps one odd host from bloating every scrape
 DEFAULT_PORT = 9400  # dcgm-exporter's port: fleetctl stands in for it
 STATUSES: tuple[str, ...] = get_args(Status)
 HEALTH_STATES: tuple[str, ...] = get_args(HealthState)
 JOB_STATES: tuple[str, ...] = get_args(JobState)
-log = logging.getLogger("fleetctl.metrics")
+log = logging.getLogger("fleetctl.serve.metrics")
 GPU_LABELS = ("gpu", "UUID", "modelName", "Hostname", "agent")
 
 # (metric name, help as dcgm-exporter words it, how to read it from one GPU)

@@ -11,14 +11,14 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fleetctl.addresses import Address, parse_address
-from fleetctl.config import Agent, Bastion, edit_inventory, load_config
 from fleetctl.errors import ConfigError
-from fleetctl.gpu_tools import DETECT_COMMAND, default_query, parse_detection
+from fleetctl.inventory.config import Agent, Bastion, edit_inventory, load_config
+from fleetctl.inventory.routes import resolver_for, route_for
 from fleetctl.paths import config_path, state_dir
-from fleetctl.routes import resolver_for, route_for
 from fleetctl.ssh import ConnectOptions, HostKeyPolicy, connect
+from fleetctl.ssh.addresses import Address, parse_address
 from fleetctl.ssh.known_hosts import KnownHosts
+from fleetctl.telemetry.gpu_tools import DETECT_COMMAND, default_query, parse_detection
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Pictures of ``fleet.history()`` for notebooks, one line per host and GPU over time::
 
-    fleet.history().pipe(fleetctl.plotting.utilization)
-    fleet.history("1h").pipe(fleetctl.plotting.memory)
+    fleet.history().pipe(fleetctl.telemetry.plotting.utilization)
+    fleet.history("1h").pipe(fleetctl.telemetry.plotting.memory)
 
 Needs matplotlib (``pip install 'fleetctl[plot]'``). pandas' own ``.plot`` would do, but history
 keeps ISO text timestamps and each host beats at its own instant, so the frame has to be typed and

@@ -1,5 +1,5 @@
 """What the health parsers report: one :class:`Finding` per thing that is wrong (or worth knowing)
-about one GPU, or about the host when ``gpu`` is None. Pure data; :mod:`fleetctl.gpu_health`
+about one GPU, or about the host when ``gpu`` is None. Pure data; :mod:`fleetctl.telemetry.gpu_health`
 judges them."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-# Every kind a parser emits; fleetctl.gpu_health.DEFAULT_TABLE has one entry for each.
+# Every kind a parser emits; fleetctl.telemetry.gpu_health.DEFAULT_TABLE has one entry for each.
 KINDS = (
     "xid",                          # an NVRM Xid line in the kernel log (code = the Xid number)
     "ecc_uncorrected_volatile",     # uncorrectable (double-bit) ECC errors since the driver loaded

@@ -19,8 +19,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from fleetctl.errors import ParseError
-from fleetctl.parsers.findings import Finding, clip, normalize_bus_id
-from fleetctl.parsers.values import index_of, is_missing, number
+from fleetctl.telemetry.parsers.findings import Finding, clip, normalize_bus_id
+from fleetctl.telemetry.parsers.values import index_of, is_missing, number
 
 HELP_QUERY_COMMAND = "nvidia-smi --help-query-gpu"
 IDENTITY_FIELDS = ("index", "pci.bus_id", "uuid")

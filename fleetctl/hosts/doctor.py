@@ -12,13 +12,13 @@ import contextlib
 import shlex
 from dataclasses import asdict, dataclass
 
-from fleetctl.config import Agent
+from fleetctl._text import one_line
 from fleetctl.errors import FleetError, TransportError
-from fleetctl.gpu_tools import TOOLS
-from fleetctl.hosts import Hosts
-from fleetctl.outcomes import status_of
-from fleetctl.text import one_line
-from fleetctl.transport import Connection, Route
+from fleetctl.hosts.core import Hosts
+from fleetctl.inventory.config import Agent
+from fleetctl.ssh.seam import Connection, Route
+from fleetctl.telemetry.gpu_tools import TOOLS
+from fleetctl.telemetry.outcomes import status_of
 
 _PROBE = ("for t in " + " ".join(TOOLS) + '; do command -v "$t" >/dev/null 2>&1 && echo "tool $t"; done; '
           'if command -v nvidia-smi >/dev/null 2>&1; then nvidia-smi --query-gpu=index,mig.mode.current '

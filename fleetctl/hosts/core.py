@@ -16,28 +16,28 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from fleetctl import fanout
-from fleetctl.config import Agent, Inventory, load_config
-from fleetctl.durations import utc
+from fleetctl._durations import utc
 from fleetctl.errors import ConnectionLost, FleetError
-from fleetctl.frames import to_dataframe
-from fleetctl.health import Health, HealthPolicy
-from fleetctl.heartbeat import MAX_STDERR as HEARTBEAT_MAX_STDERR
-from fleetctl.heartbeat import MAX_STDOUT as HEARTBEAT_MAX_STDOUT
-from fleetctl.heartbeat import crashed_snapshot, failed_snapshot, heartbeat_command, snapshot_from_result
-from fleetctl.history import Transition, agent_statuses, history, prune, set_draining
-from fleetctl.history import record as record_history
-from fleetctl.leases import Fence
+from fleetctl.hosts import fanout
+from fleetctl.inventory.config import Agent, Inventory, load_config
+from fleetctl.inventory.routes import HopView, describe_route, resolver_for, route_for
 from fleetctl.paths import state_dir as resolve_state_dir
-from fleetctl.routes import HopView, describe_route, resolver_for, route_for
 from fleetctl.settings import ControllerSettings, default_of
 from fleetctl.ssh import ConnectOptions, Connector, HostKeyPolicy
 from fleetctl.ssh.known_hosts import KnownHosts
 from fleetctl.ssh.resolve import SshConfigResolver
+from fleetctl.ssh.seam import Connection, Route
+from fleetctl.ssh.seam import Connector as TransportConnector
 from fleetctl.store import Store, open_store
-from fleetctl.telemetry import TelemetrySnapshot
-from fleetctl.transport import Connection, Route
-from fleetctl.transport import Connector as TransportConnector
+from fleetctl.store.leases import Fence
+from fleetctl.telemetry.frames import to_dataframe
+from fleetctl.telemetry.health import Health, HealthPolicy
+from fleetctl.telemetry.heartbeat import MAX_STDERR as HEARTBEAT_MAX_STDERR
+from fleetctl.telemetry.heartbeat import MAX_STDOUT as HEARTBEAT_MAX_STDOUT
+from fleetctl.telemetry.heartbeat import crashed_snapshot, failed_snapshot, heartbeat_command, snapshot_from_result
+from fleetctl.telemetry.history import Transition, agent_statuses, history, prune, set_draining
+from fleetctl.telemetry.history import record as record_history
+from fleetctl.telemetry.snapshot import TelemetrySnapshot
 
 if TYPE_CHECKING:
     from typing import Self
@@ -267,7 +267,7 @@ class Hosts:
 
     def record(self, snapshots: list[TelemetrySnapshot], fence: Fence | None = None) -> list[Transition]:
         """Write snapshots to history and advance health; prunes old history now and then. With a
-        ``fence``, only agents whose lease it holds are written (:func:`fleetctl.history.record`)."""
+        ``fence``, only agents whose lease it holds are written (:func:`fleetctl.telemetry.history.record`)."""
         transitions = record_history(self.store, snapshots, self.health_policy, fence)
         if time.monotonic() - self._pruned_at >= PRUNE_EVERY_S:
             self._pruned_at = time.monotonic()
