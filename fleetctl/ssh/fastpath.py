@@ -4,7 +4,7 @@ The fast path is :class:`fleetctl.ssh.loop.Transport` (paramiko's read loop in f
 every logged-in connection is read by one shared thread instead of a thread each) with the
 per-connection Events of :mod:`fleetctl.ssh.lean_sync`. It rests on paramiko internals: the names
 in :data:`PRIVATE_NAMES` and a copy of ``Transport.run``. So it runs only on the paramiko releases
-listed in :data:`TESTED_RUN_SOURCES`, whose internals ``tests/unit/test_fastpath_fence.py`` checks
+listed in :data:`TESTED_RUN_SOURCES`, whose internals ``tests/unit/ssh/test_fastpath_fence.py`` checks
 (and fails on when a release changes them); on any other release, or with ``FLEETCTL_SSH_FAST=0``,
 connections are plain ``paramiko.Transport`` (a thread each), and one DEBUG line says why.
 """

@@ -11,7 +11,7 @@ Each finding (see :mod:`fleetctl.telemetry.parsers.findings`) is looked up in on
 A GPU's verdict is its worst finding's (ok < unknown < degraded < failed). A rule with ``repeat``
 gives ``repeat_verdict`` instead when that many findings of its key on one GPU fall within
 ``window_s`` before ``now``: application Xids alone never quarantine, a storm of them degrades.
-The table (README-ready; ``tests/unit/test_gpu_health.py`` keeps it equal to :data:`DEFAULT_TABLE`):
+The table (README-ready; ``tests/unit/telemetry/test_gpu_health.py`` keeps it equal to :data:`DEFAULT_TABLE`):
 
 | finding | verdict | repeated | meaning |
 |---|---|---|---|

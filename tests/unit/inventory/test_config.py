@@ -11,7 +11,7 @@ from fleetctl.inventory.config import Agent, edit_inventory, load_config, parse_
 
 pytestmark = pytest.mark.no_store  # never opens a store: the PostgreSQL pass deselects it
 
-DOCUMENTED = Path(__file__).resolve().parents[2] / "config" / "ssh-agents.example.toml"
+DOCUMENTED = Path(__file__).resolve().parents[3] / "config" / "ssh-agents.example.toml"
 README_EXAMPLE = '''[[agents]]
 name = "vast-rental-1"
 hostname = "123.45.67.89"
