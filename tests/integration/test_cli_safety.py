@@ -184,7 +184,7 @@ def test_jobs_without_logs_json_times_and_the_job_file(own_sandbox: Sandbox, tmp
     with Fleet.from_config(own_sandbox.inventory_path, state_dir=state) as fleet:
         assert repr(fleet.job(job_id)) == f"<Job {job_id} succeeded on solo, 0 GPUs>"
         assert repr(fleet.job(job_id).record) == f"<JobRecord {job_id} 'peek' succeeded on solo>"
-        assert repr(Job(fleet, "jnosuchjob")) == "<Job jnosuchjob>"  # a repr never raises
+        assert repr(Job(fleet.hosts, "jnosuchjob")) == "<Job jnosuchjob>"  # a repr never raises
 
     bad_env = run_cli("submit", "--env", "gpu_type", *where, "--", "true")
     assert bad_env.returncode == 1 and "write --env NAME=value" in bad_env.stderr

@@ -19,6 +19,7 @@ from fleetctl.jobs.model import JobRecord
 from fleetctl.jobs.queue import JobQueue
 from fleetctl.sandbox import HostSpec, Sandbox
 from tests.conftest import require_sshd, run_cli
+from tests.waiting import poll, wait_for
 
 CONTROLLER = "[controller]\nkill_grace_s = 1\noffline_after_misses = 2\n\n"
 
@@ -45,14 +46,17 @@ def _fleet(sandbox: Sandbox, tmp_path: Path) -> Fleet:
 
 
 def _drive_until(fleet: Fleet, job_id: str, done: Callable[[JobRecord], bool], timeout: float = 30) -> JobRecord:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def driven() -> JobRecord | None:
         drive_once(fleet.hosts)
         record = fleet.job(job_id).record
-        if done(record):
-            return record
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} still {fleet.job(job_id).record.state}; events {fleet.job(job_id).record}")
+        return record if done(record) else None
+
+    return poll(f"job {job_id} to move on (now {fleet.job(job_id).record.state})", driven, timeout, interval=0.2)
+
+
+def _finished_on_host(sandbox: Sandbox, name: str, count: int = 1) -> bool:
+    """The host's detached jobs wrote their result.json (read on the host's disk: its sshd is away)."""
+    return len(list((sandbox.host_dir(name) / "tmp").glob("*/result.json"))) >= count
 
 
 def test_submit_two_gpus_from_the_cli_end_to_end(two_hosts: Sandbox, tmp_path: Path) -> None:
@@ -118,7 +122,7 @@ def test_ssh_dropped_mid_job_is_collected_after_reconnect(two_hosts: Sandbox, tm
         job = fleet.submit("sleep 2; echo survived", agent="one")
         _drive_until(fleet, job.id, lambda r: r.state == "running")
         two_hosts.stop_host("one")  # sshd and every SSH session die; the detached job does not
-        time.sleep(3)
+        wait_for("the job to finish while its host's sshd is away", lambda: _finished_on_host(two_hosts, "one"), 30)
         two_hosts.restart_host("one")
         record = _drive_until(fleet, job.id, lambda r: r.done)
         assert record.state == "succeeded" and job.logs() == "survived\n"
@@ -138,8 +142,7 @@ def test_controller_killed_during_dispatch_never_runs_a_job_twice(two_hosts: San
     assert shown["state"] == "dispatching"
     resumed = run_cli("jobs", "wait", job_id, "--config", config, "--state-dir", state)
     assert resumed.returncode == 0, resumed.stderr
-    time.sleep(0.5)
-    assert runs.read_text() == "ran\n"
+    assert runs.read_text() == "ran\n"  # the job succeeded: its one run wrote this before it ended
 
 
 def test_host_lost_then_back_records_the_late_result_and_reports_the_duplicate(two_hosts: Sandbox, tmp_path: Path) -> None:
@@ -153,7 +156,8 @@ def test_host_lost_then_back_records_the_late_result_and_reports_the_duplicate(t
         two_hosts.stop_host("two")
         assert _drive_until(fleet, once.id, lambda r: r.state == "lost").reason == "agent one went offline"
         assert fleet.job(retried.id).status == "queued"  # retries left: back in the queue
-        time.sleep(2.5)  # both first runs finish while their hosts are away
+        for host in ("one", "two"):  # both first runs finish while their hosts are away
+            wait_for(f"the first run on {host} to finish", lambda host=host: _finished_on_host(two_hosts, host), 30)
         two_hosts.restart_host("one")
         late = _drive_until(fleet, once.id, lambda r: r.state != "lost")
         assert late.state == "succeeded" and "after the job was marked lost" in (late.reason or "")
@@ -183,12 +187,11 @@ def test_serve_drives_the_queue_while_the_cli_submits_and_waits(two_hosts: Sandb
     serve = subprocess.Popen([sys.executable, "-m", "fleetctl", "serve", "--config", str(config), "--state-dir", state],
                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:  # until the first serve holds the controller lock
+        def serve_holds_the_lock() -> bool:
             with controller_lock(Path(state)) as free:
-                if not free:
-                    break
-            time.sleep(0.1)
+                return not free
+
+        wait_for("serve to hold the controller lock", serve_holds_the_lock, 20)
         with controller_lock(Path(state), wait_s=0.5) as free:
             assert not free  # serve holds the queue; a second serve would wait, then refuse
         done = run_cli("submit", "--gpus", "1", "--wait", "--config", str(config), "--state-dir", state, "--", "echo", "ok")
