@@ -19,6 +19,7 @@ from fleetctl.fleet import Fleet
 from fleetctl.jobs.api import Job
 from fleetctl.sandbox import Sandbox, sshd
 from tests.conftest import require_sshd, run_cli
+from tests.waiting import wait_for
 
 HOSTILE = "[/][link=http://evil]x[/link]\x1b]0;pwned\x07\x1b]8;;http://evil\x1b\\\x9b31m[blink]"
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z$")
@@ -223,9 +224,7 @@ def test_a_zombie_counts_as_stopped() -> None:
     try:
         assert parent.stdout is not None
         zombie = int(parent.stdout.readline())
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and Path(f"/proc/{zombie}/stat").read_text().split(") ")[1][0] != "Z":
-            time.sleep(0.01)
+        wait_for("the child to be a zombie", lambda: Path(f"/proc/{zombie}/stat").read_text().split(") ")[1][0] == "Z", 30)
         os.kill(zombie, 0)  # a zombie passes the existence check, which is why stop() waited the full grace
         assert not sshd.running(zombie)
         assert sshd.running(parent.pid)

@@ -24,6 +24,7 @@ from fleetctl.sandbox import HostSpec, Sandbox
 from fleetctl.ssh import connect
 from fleetctl.ssh.seam import Connection, Route
 from tests.conftest import require_sshd, run_cli
+from tests.waiting import poll
 
 CONTROLLER = "[controller]\nkill_grace_s = 1\noffline_after_misses = 2\n"
 LISTING = ("import json, os; found = sorted(os.path.join(d, n)[2:] for d, dirs, files in os.walk('.') for n in files + "
@@ -77,14 +78,12 @@ def _fleet(sandbox: Sandbox, tmp_path: Path, extra: str = "", writes: list[tuple
 
 
 def _drive_until(fleet: Fleet, job_id: str, done: Callable[[JobRecord], bool], timeout: float = 60) -> JobRecord:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def driven() -> JobRecord | None:
         drive_once(fleet.hosts)
         record = fleet.job(job_id).record
-        if done(record):
-            return record
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} still {fleet.job(job_id).record}: {JobQueue(fleet.hosts.store).events(job_id)}")
+        return record if done(record) else None
+
+    return poll(f"job {job_id} to move on ({JobQueue(fleet.hosts.store).events(job_id)})", driven, timeout, interval=0.1)
 
 
 def _write(root: Path, files: dict[str, str | bytes]) -> None:

@@ -26,6 +26,7 @@ from fleetctl.ssh import ConnectOptions, HostKeyPolicy, connect
 from fleetctl.ssh.known_hosts import KnownHosts
 from fleetctl.ssh.seam import Hop, Route
 from tests.conftest import needs_netns
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.no_store  # never opens a store: the PostgreSQL pass deselects it
 
@@ -98,13 +99,14 @@ def test_trust_on_first_use_records_then_refuses_a_changed_key(own_sandbox: Sand
     proc = subprocess.Popen([sshd.sshd_binary(), "-D", "-e", "-f", str(conf)], stderr=subprocess.PIPE,
                             start_new_session=True)
     try:
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
+        def answers() -> bool:
             try:
                 connect(route, ConnectOptions(host_keys=HostKeyPolicy(accept_any=True))).close()
-                break
             except UnreachableError:
-                time.sleep(0.05)
+                return False
+            return True
+
+        wait_until(answers, 5)
         with pytest.raises(HostKeyError) as caught:
             connect(route, options)
         assert caught.value.expected in str(caught.value) and caught.value.offered in str(caught.value)

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -14,6 +13,7 @@ import pandas as pd
 from fleetctl.fleet import Fleet
 from fleetctl.sandbox import Sandbox
 from tests.conftest import run_cli
+from tests.waiting import wait_for
 
 
 def _with_interval(sandbox: Sandbox, path: Path, interval: float) -> Path:
@@ -28,16 +28,11 @@ def test_serve_beats_every_agent_and_stops_cleanly_on_sigterm(own_sandbox: Sandb
                                 "--state-dir", str(state)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 20
         fleet = Fleet.from_config(config, state_dir=state)
-        while time.monotonic() < deadline:
-            if (fleet.hosts.store_url or (state / "fleetctl.db").exists()) and len(fleet.history()) >= 3 * 2:
-                break
-            time.sleep(0.2)
+        wait_for("three recorded beats", lambda: (fleet.hosts.store_url or (state / "fleetctl.db").exists())
+                 and len(fleet.history()) >= 3 * 2, 20)
         own_sandbox.stop_host("solo")  # the host goes away: 3 misses later it is offline
-        while time.monotonic() < deadline and fleet.health().iloc[0]["health"] != "offline":
-            time.sleep(0.2)
-        assert fleet.health().iloc[0]["health"] == "offline"
+        wait_for("the host to go offline", lambda: fleet.health().iloc[0]["health"] == "offline", 20)
         fleet.close()
     finally:
         process.send_signal(signal.SIGTERM)
