@@ -8,8 +8,8 @@ import threading
 import paramiko
 import pytest
 
-from fleetctl.config import load_config
-from fleetctl.routes import route_for
+from fleetctl.inventory.config import load_config
+from fleetctl.inventory.routes import route_for
 from fleetctl.sandbox import Sandbox
 from fleetctl.ssh import connect, fastpath, lean_sync
 from fleetctl.ssh.connection import SSHConnection
