@@ -9,6 +9,7 @@
     loop.py         (fast path) paramiko's Transport with its read loop movable: own thread until login, then...
     reader.py       (fast path) ...one thread that reads every logged-in connection (not one thread each)
     lean_sync.py    (fast path) lean Events and Conditions for the objects fleetctl creates
+    lean_swap.py    (fast path) puts them into fleetctl's own transports and channels, one by one
     session.py      the kept-open shell that runs each heartbeat's script
     auth.py         which keys are offered, in OpenSSH's order: agent, IdentityFile, certificates
     hostkeys.py     judging a host key: pin, known_hosts, StrictHostKeyChecking, trust on first use

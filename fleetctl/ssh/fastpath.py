@@ -2,7 +2,8 @@
 
 The fast path is :class:`fleetctl.ssh.loop.Transport` (paramiko's read loop in fleetctl's hands, so
 every logged-in connection is read by one shared thread instead of a thread each) with the
-per-connection Events of :mod:`fleetctl.ssh.lean_sync`. It rests on paramiko internals: the names
+per-connection Events and Conditions of :mod:`fleetctl.ssh.lean_sync`, swapped into the objects of
+its own connections by :mod:`fleetctl.ssh.lean_swap`. It rests on paramiko internals: the names
 in :data:`PRIVATE_NAMES` and a copy of ``Transport.run``. So it runs only on the paramiko releases
 listed in :data:`TESTED_RUN_SOURCES`, whose internals ``tests/unit/ssh/test_fastpath_fence.py`` checks
 (and fails on when a release changes them); on any other release, or with ``FLEETCTL_SSH_FAST=0``,
@@ -60,8 +61,19 @@ PRIVATE_NAMES: tuple[tuple[str, str], ...] = (
     ("paramiko.transport.Transport", "handshake_timeout"),
     ("paramiko.transport.Transport", "local_version"),
     ("paramiko.transport.Transport", "_started"),
+    ("paramiko.transport.Transport", "lock"),
+    ("paramiko.transport.Transport", "auth_handler"),
     ("paramiko.auth_handler.AuthHandler", "_handler_table"),
+    ("paramiko.auth_handler.AuthHandler", "auth_event"),
     ("paramiko.channel.Channel", "_unlink"),
+    ("paramiko.channel.Channel", "lock"),
+    ("paramiko.channel.Channel", "event"),
+    ("paramiko.channel.Channel", "status_event"),
+    ("paramiko.channel.Channel", "out_buffer_cv"),
+    ("paramiko.channel.Channel", "in_buffer"),
+    ("paramiko.channel.Channel", "in_stderr_buffer"),
+    ("paramiko.buffered_pipe.BufferedPipe", "_lock"),
+    ("paramiko.buffered_pipe.BufferedPipe", "_cv"),
     ("paramiko.packet.Packetizer", "_Packetizer__aead_in"),
     ("paramiko.packet.Packetizer", "_Packetizer__etm_in"),
     ("paramiko.packet.Packetizer", "_Packetizer__remainder"),

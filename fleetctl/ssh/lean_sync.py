@@ -1,5 +1,6 @@
 """Events and Conditions at a fraction of the memory, for objects fleetctl creates and keeps per
-connection (a kept shell's wake-up, a handed-over transport's ``started`` flag).
+connection (a kept shell's wake-up, a handed-over transport's ``started`` flag, and, swapped in by
+:mod:`fleetctl.ssh.lean_swap`, those of its own transports and channels).
 
 ``threading.Condition`` carries an instance dict, five bound methods copied into it and a deque
 allocated up front even when nobody waits. These classes run CPython's own algorithm

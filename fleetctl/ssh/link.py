@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import paramiko
 
 from fleetctl.errors import ConnectTimeout, TransportError, UnreachableError
-from fleetctl.ssh import fastpath
+from fleetctl.ssh import fastpath, lean_swap
 from fleetctl.ssh.auth import authenticate
 from fleetctl.ssh.errors import PARAMIKO_LOG_CHANNEL, quiet_paramiko, translated
 from fleetctl.ssh.hostkeys import HostKeyPolicy, preferred_algorithms, verify
@@ -130,6 +130,7 @@ class Link:
         with translated("connect", f"{hop.address} closed the connection during login", hop=hop.address,
                         is_bastion=is_bastion, deadline=deadline):
             identity = authenticate(transport, hop, is_bastion, use_agent=options.use_agent)
+        lean_swap.lean_after_login(transport)
         self.seen = HostKeySeen(hop.address, key.get_name(), fingerprint(key.asbytes()), peer_ip, verdict, identity)
         keepalive = hop.keepalive_s or options.keepalive_s
         if keepalive:
@@ -159,8 +160,10 @@ class Link:
             with translated("tunnel", f"bastion {self.hop.address} could not reach {hop.address}", hop=hop.address,
                             is_bastion=is_bastion, deadline=deadline, timeout=timeout,
                             hint="is the host up and reachable from the bastion?"):
-                return self.transport.open_channel("direct-tcpip", (hop.hostname, hop.port), ("127.0.0.1", 0),
-                                                   timeout=max(0.1, deadline - time.monotonic()))
+                channel = self.transport.open_channel("direct-tcpip", (hop.hostname, hop.port), ("127.0.0.1", 0),
+                                                      timeout=max(0.1, deadline - time.monotonic()))
+            lean_swap.lean_channel(channel)  # before the host's transport reads it
+            return channel
         except (UnreachableError, ConnectTimeout) as exc:
             if not self.is_active:  # the bastion itself died under the open: its failure, not the host's
                 raise UnreachableError(f"bastion {self.hop.address} went away while reaching {hop.address}",

@@ -53,7 +53,7 @@ from paramiko.message import Message
 from paramiko.packet import NeedRekeyException
 from paramiko.ssh_exception import MessageOrderError, SSHException
 
-from fleetctl.ssh import lean_sync
+from fleetctl.ssh import lean_swap, lean_sync
 from fleetctl.ssh.reader import Reader, shared_reader
 
 _RECV = 1 << 16
@@ -91,6 +91,7 @@ class Transport(paramiko.Transport):  # type: ignore[misc]
 
     def __init__(self, sock: object) -> None:
         super().__init__(sock)
+        lean_swap.lean_transport(self)
         self.over_channel = isinstance(sock, paramiko.Channel)  # a host behind a bastion
         self._hand_over_allowed = isinstance(sock, socket.socket) or self.over_channel
         self._hand_over_lock = threading.Lock()  # close() against the hand-over

@@ -24,7 +24,7 @@ import time
 import paramiko
 
 from fleetctl.errors import CommandTimeout, ConnectionLost, OutputTooLarge
-from fleetctl.ssh import lean_sync
+from fleetctl.ssh import lean_swap, lean_sync
 from fleetctl.ssh.errors import translated
 from fleetctl.ssh.seam import CommandResult
 
@@ -45,6 +45,7 @@ class ShellSession:
         self.address = address
         with translated("command", f"cannot open a session on {address}", hop=address):
             self.channel = transport.open_session(timeout=timeout)
+            lean_swap.lean_channel(self.channel)  # before exec_command: nobody waits on it yet
             # `exec sh`: the login shell sets the environment up once, as for an exec, then steps aside.
             self.channel.exec_command("exec sh")
             self.channel.sendall(_SETUP.encode())

@@ -60,6 +60,7 @@ def test_the_copied_function_and_every_private_name_are_as_tested() -> None:
             "paramiko.packet.Packetizer": transport.packetizer,
             "paramiko.auth_handler.AuthHandler": paramiko.auth_handler.AuthHandler(transport),
             "paramiko.channel.Channel": paramiko.Channel(0),
+            "paramiko.buffered_pipe.BufferedPipe": paramiko.buffered_pipe.BufferedPipe(),
         }
         missing = [f"{where}.{name}" for where, name in fastpath.PRIVATE_NAMES if not hasattr(_owner(where, live), name)]
         assert not missing, f"paramiko {paramiko.__version__} lacks {missing}"
