@@ -54,9 +54,16 @@ def _agent_keys(hop: Hop, use_agent: bool) -> list[paramiko.PKey]:
     if not use_agent or not path or hop.identity_agent == "none":
         return []
     try:
-        return list(_AgentAt(os.path.expanduser(path)).get_keys())
+        keys = list(_AgentAt(os.path.expanduser(path)).get_keys())
     except (paramiko.SSHException, OSError):
         return []  # no agent there: the key files may still do
+    for key in keys:
+        # paramiko before 5.0 gives an agent's key no ``public_blob``, and its login reads one: an
+        # agent holding a certificate failed every login with AttributeError. 5.0 sets it to None on
+        # every agent key; so do we, on these instances only (the key then signs as its own type).
+        if not hasattr(key, "public_blob"):
+            key.public_blob = None
+    return keys
 
 
 def _expand(hop: Hop, path: str) -> str:
