@@ -19,7 +19,7 @@ from typing import Any
 
 from fleetctl._durations import utc
 from fleetctl.errors import JobError
-from fleetctl.jobs.model import JobRecord, JobResult, JobSpec, JobState
+from fleetctl.jobs.model import JobRecord, JobResult, JobSpec, JobState, SweepKind, SweepRecord, TaskRef
 from fleetctl.store import Connection, Row, Store
 from fleetctl.store.leases import Fence, FenceSource
 
@@ -27,8 +27,15 @@ _COLUMNS = ("id", "name", "state", "priority", "spec", "agent", "gpus", "remote_
             "dispatched", "started", "finished", "exit_code", "signal", "reason", "result", "cancel_requested")
 
 
+SWEEP_PREFIX = "s"
+
+
 def new_job_id() -> str:
     return "j" + secrets.token_hex(5)
+
+
+def new_sweep_id() -> str:
+    return SWEEP_PREFIX + secrets.token_hex(5)
 
 
 def _record(row: Row) -> JobRecord:
@@ -59,7 +66,7 @@ class JobQueue:
     def submit(self, spec: JobSpec) -> JobRecord:
         """Durable when this returns: the row is committed (WAL) before the id is handed out."""
         for parent in spec.after:
-            self.get(parent)
+            self.dependency(parent)
         job_id = new_job_id()
         with self.store.transaction() as db:
             db.execute("INSERT INTO jobs (id, name, state, priority, spec, submitted, updated) VALUES (?,?,?,?,?,?,?)",
@@ -80,11 +87,118 @@ class JobQueue:
             raise JobError(f"job {job_id!r} {problem}", hint="see `fleetctl jobs list`")
         return _record(rows[0])
 
-    def list(self, states: Sequence[JobState] | None = None) -> builtins.list[JobRecord]:
-        where = f" WHERE state IN ({','.join('?' * len(states))})" if states else ""
+    def list(self, states: Sequence[JobState] | None = None, *, tasks: bool = True) -> builtins.list[JobRecord]:
+        """Jobs in ``states`` (all), highest priority then oldest first; ``tasks=False`` leaves out
+        the tasks of sweeps (``jobs list`` shows each sweep as one line instead)."""
+        clauses = [f"state IN ({','.join('?' * len(states))})"] if states else []
+        if not tasks:
+            clauses.append("parent IS NULL")
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         rows = self.store.query(f"SELECT {', '.join(_COLUMNS)} FROM jobs{where} ORDER BY priority DESC, seq",
                                 tuple(states or ()))
         return [_record(r) for r in rows]
+
+    # -- sweeps: one parent, many tasks that are ordinary jobs ------------------------------------
+    def submit_sweep(self, template: JobSpec, params: Sequence[dict[str, Any]], kind: SweepKind,
+                     max_concurrent: int | None = None) -> SweepRecord:
+        """The parent and every task, in one transaction: all of them are queued, or none."""
+        if not params:
+            raise JobError("a sweep needs at least one task", hint="give --array N, --sweep NAME=V1,V2 or --sweep-file")
+        for parent in template.after:
+            self.dependency(parent)
+        sweep_id, now, count = new_sweep_id(), time.time(), len(params)
+        rows, events = [], []
+        for index, values in enumerate(params):
+            task = TaskRef(parent=sweep_id, index=index, count=count, params=values, max_concurrent=max_concurrent)
+            name = f"{template.name}[{index}]" if template.name else None
+            spec = template.model_copy(update={"task": task, "name": name})
+            job_id = new_job_id()
+            rows.append((job_id, name, "queued", spec.priority, spec.model_dump_json(), now, now, sweep_id, index))
+            events.append((job_id, now, "submitted", f"task {index} of {count} of sweep {sweep_id}"))
+        with self.store.transaction() as db:
+            db.execute("INSERT INTO sweeps (id, name, kind, spec, count, max_concurrent, submitted) VALUES (?,?,?,?,?,?,?)",
+                       (sweep_id, template.name, kind, template.model_dump_json(), count, max_concurrent, now))
+            db.executemany("INSERT INTO jobs (id, name, state, priority, spec, submitted, updated, parent, task_index) "
+                           "VALUES (?,?,?,?,?,?,?,?,?)", rows)
+            db.executemany("INSERT INTO job_events (job_id, ts, event, detail) VALUES (?,?,?,?)", events)
+        return self.get_sweep(sweep_id)
+
+    def get_sweep(self, sweep_id: str) -> SweepRecord:
+        """By id, or by a unique prefix of one."""
+        columns = "id, name, kind, spec, count, max_concurrent, submitted, cancelled"
+        rows = self.store.query(f"SELECT {columns} FROM sweeps WHERE id = ?", (sweep_id,))
+        if not rows and len(sweep_id) >= 3:
+            rows = self.store.query(f"SELECT {columns} FROM sweeps WHERE id LIKE ? LIMIT 2",
+                                    (sweep_id.lower().replace("%", "").replace("_", "") + "%",))
+        if len(rows) != 1:
+            problem = "is ambiguous" if rows else "does not exist"
+            raise JobError(f"sweep {sweep_id!r} {problem}", hint="see `fleetctl jobs list`")
+        row = rows[0]
+        return SweepRecord(id=row["id"], name=row["name"], kind=row["kind"], spec=JobSpec.model_validate_json(row["spec"]),
+                           count=row["count"], max_concurrent=row["max_concurrent"], submitted=utc(row["submitted"]),  # type: ignore[arg-type]
+                           cancelled=utc(row["cancelled"]), counts=self.task_counts(row["id"]))
+
+    def sweeps(self, ids: Sequence[str] | None = None) -> builtins.list[SweepRecord]:
+        """Every sweep (or those named), oldest first."""
+        if ids is None:
+            ids = [r["id"] for r in self.store.query("SELECT id FROM sweeps ORDER BY seq")]
+        return [self.get_sweep(i) for i in ids]
+
+    def task_counts(self, sweep_id: str) -> dict[str, int]:
+        """How many of the sweep's tasks are in each state; a provisionally lost one counts as ``lost?``."""
+        rows = self.store.query("SELECT state, CASE WHEN state = 'lost' AND finished IS NULL THEN 1 ELSE 0 END AS open, "
+                                "COUNT(*) AS n FROM jobs WHERE parent = ? GROUP BY state, "
+                                "CASE WHEN state = 'lost' AND finished IS NULL THEN 1 ELSE 0 END", (sweep_id,))
+        counts: dict[str, int] = {}
+        for row in rows:
+            key = "lost?" if row["open"] else row["state"]
+            counts[key] = counts.get(key, 0) + int(row["n"])
+        return counts
+
+    def tasks(self, sweep_id: str) -> builtins.list[JobRecord]:
+        """The sweep's tasks, by index."""
+        rows = self.store.query(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE parent = ? ORDER BY task_index", (sweep_id,))
+        return [_record(r) for r in rows]
+
+    def cancelled_sweeps(self, sweep_ids: Sequence[str]) -> set[str]:
+        """Which of these sweeps were cancelled (their tasks are never claimed again, a requeued one included)."""
+        if not sweep_ids:
+            return set()
+        rows = self.store.query(f"SELECT id FROM sweeps WHERE cancelled IS NOT NULL AND id IN ({','.join('?' * len(sweep_ids))})",
+                                tuple(sweep_ids))
+        return {r["id"] for r in rows}
+
+    def cancel_sweep(self, sweep_id: str, *, force: bool) -> int:
+        """In one transaction: the cancel is recorded, every queued task is cancelled and every active
+        one marked for cancel (the runner signals it, or drops it before its launch). A claim racing
+        this either committed first (its task is marked) or finds its task no longer queued. Returns
+        how many tasks were cancelled outright."""
+        now = time.time()
+        reason = "cancelled with its sweep before it started"
+        with self.store.transaction() as db:
+            db.execute("UPDATE sweeps SET cancelled = ? WHERE id = ? AND cancelled IS NULL", (now, sweep_id))
+            db.execute("INSERT INTO job_events (job_id, ts, event, detail) SELECT id, ?, ?, ? FROM jobs "
+                       "WHERE parent = ? AND state = 'queued'", (now, "cancelled", reason, sweep_id))
+            cancelled = db.execute("UPDATE jobs SET state = 'cancelled', reason = ?, finished = ?, updated = ? "
+                                   "WHERE parent = ? AND state = 'queued'", (reason, now, now, sweep_id)).rowcount
+            db.execute("INSERT INTO job_events (job_id, ts, event, detail) SELECT id, ?, ?, ? FROM jobs "
+                       "WHERE parent = ? AND state IN ('dispatching', 'running') AND cancel_requested = 0",
+                       (now, "cancel_requested", "force" if force else None, sweep_id))
+            db.execute("UPDATE jobs SET cancel_requested = 1, updated = ? WHERE parent = ? AND state IN ('dispatching', 'running')",
+                       (now, sweep_id))
+            # A provisionally lost task ends now, as a lost single job does on cancel.
+            db.execute("INSERT INTO job_events (job_id, ts, event, detail) SELECT id, ?, ?, ? FROM jobs "
+                       "WHERE parent = ? AND state = 'lost' AND finished IS NULL", (now, "cancelled", reason, sweep_id))
+            db.execute("UPDATE jobs SET state = 'cancelled', finished = ?, updated = ?, reason = ? "
+                       "WHERE parent = ? AND state = 'lost' AND finished IS NULL",
+                       (now, now, "cancelled with its sweep while its host was unreachable", sweep_id))
+        return cancelled
+
+    def dependency(self, dep_id: str) -> JobRecord | SweepRecord:
+        """What ``--after`` names: a job, or a whole sweep (it succeeded once every task did)."""
+        if dep_id.startswith(SWEEP_PREFIX):
+            return self.get_sweep(dep_id)
+        return self.get(dep_id)
 
     # -- named transitions: each state change written once, as a compare-and-set ------------------
     def claim(self, job_id: str, agent: str, gpus: builtins.list[str], attempt: int) -> bool:

@@ -15,6 +15,8 @@ import os
 import shlex
 import signal
 import time
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from fleetctl._durations import utc
@@ -24,8 +26,8 @@ from fleetctl.hosts.core import Hosts
 from fleetctl.inventory.config import Agent
 from fleetctl.jobs.code.store import CodeStore
 from fleetctl.jobs.code.upload import send_code
-from fleetctl.jobs.model import ACTIVE_STATES, JobRecord, JobResult, JobState
-from fleetctl.jobs.placement import Candidate, never_satisfiable, place, waiting_reason
+from fleetctl.jobs.model import ACTIVE_STATES, JobRecord, JobResult, JobState, SweepRecord
+from fleetctl.jobs.placement import Candidate, concurrency_cap, never_satisfiable, place, waiting_reason
 from fleetctl.jobs.queue import JobQueue
 from fleetctl.jobs.remote import (
     LAUNCH_ALREADY_STARTED,
@@ -351,13 +353,24 @@ class JobRunner:
         return True
 
     def resolve_dependencies(self) -> None:
+        dependencies = self._dependencies()
         for job in self.queue.list(("queued",)):
             for parent_id in job.spec.after:
-                parent = self.queue.get(parent_id)
+                parent = dependencies(parent_id)
                 if parent.done and parent.state != "succeeded":
                     self.queue.finish(job.id, expect=("queued",), state="failed",
                                       reason=f"dependency {parent.id} ended {parent.state}; not run")
                     break
+
+    def _dependencies(self) -> Callable[[str], JobRecord | SweepRecord]:
+        """What ``--after`` names, each read once per pass (a thousand tasks after one sweep read it once)."""
+        seen: dict[str, JobRecord | SweepRecord] = {}
+
+        def read(dep_id: str) -> JobRecord | SweepRecord:
+            if dep_id not in seen:
+                seen[dep_id] = self.queue.dependency(dep_id)
+            return seen[dep_id]
+        return read
 
     # -- placement and dispatch ----------------------------------------------------------------
     def _candidates(self, statuses: dict[str, AgentStatus], active: list[JobRecord]) -> list[Candidate]:
@@ -380,12 +393,25 @@ class JobRunner:
         # Placed only on agents held when the tick began: one taken over mid-tick has jobs ``active``
         # and ``statuses`` do not show yet.
         held = {agent.name for agent in self.fleet.inventory if self._mine(agent.name)}
-        for job in self.queue.list(("queued",)):
-            waiting = [p for p in (self.queue.get(p) for p in job.spec.after) if p.state != "succeeded"]
+        queued = self.queue.list(("queued",))
+        dependencies = self._dependencies()
+        # Tasks of a cancelled sweep (a lost one requeued after the cancel, say) are never claimed again.
+        stopped = self.queue.cancelled_sweeps(sorted({j.spec.task.parent for j in queued if j.spec.task}))
+        running_tasks = Counter(j.spec.task.parent for j in active if j.spec.task)  # per sweep, for --max-concurrent
+        for job in queued:
+            task = job.spec.task
+            if task is not None and task.parent in stopped:
+                self.queue.finish(job.id, expect=("queued",), state="cancelled", reason="cancelled with its sweep before it started")
+                continue
+            waiting = [p for p in (dependencies(p) for p in job.spec.after) if p.state != "succeeded"]
             if waiting:
                 parent = waiting[0]
                 how = "lost for now; its host may come back" if parent.lost_provisionally else parent.state
                 self.queue.set_reason(job.id, f"waiting for dependency {parent.id} ({how})")
+                continue
+            capped = concurrency_cap(job.spec, running_tasks)
+            if capped:
+                self.queue.set_reason(job.id, capped)
                 continue
             candidates = self._candidates(statuses, active)
             impossible = never_satisfiable(job.spec, candidates)
@@ -403,6 +429,8 @@ class JobRunner:
             # Snapshots do not change within a tick; the GPUs this claim took are held in ``active``.
             claimed = self.queue.get(job.id)
             active.append(claimed)
+            if task is not None:
+                running_tasks[task.parent] += 1
             if self.dispatch(claimed, placement.gpus):
                 dispatched.append(job.id)
         return dispatched
@@ -454,6 +482,8 @@ class JobRunner:
             prepare = sent.build  # the job's own tree is built by its wrapper on the host, off the dispatch's path
         document = {"id": job.id, "name": job.spec.name, "command": job.spec.command, "env": job.spec.env,
                     "payload": job.spec.payload, "gpus": ids, "timeout_s": job.spec.timeout_s, "attempt": job.attempt}
+        if job.spec.task is not None:
+            document["task"] = job.spec.task.model_dump(include={"parent", "index", "count", "params"})
         conn.write_bytes(f"{remote_dir}/job.json", json.dumps(document, indent=1).encode())
         conn.write_bytes(f"{remote_dir}/run.sh", wrapper_script(job.id, remote_dir, job.spec, gpu_env,
                                                                     self.fleet.settings.kill_grace_s, prepare).encode())
@@ -467,6 +497,12 @@ class JobRunner:
             raise LeaseLost(f"this controller no longer holds the lease of {agent} it claimed the job under")
 
     def _launch(self, conn: Connection, agent: Agent, job: JobRecord, remote_dir: str, token: int | None) -> bool:
+        if self.queue.get(job.id).cancel_requested:
+            # Cancelled while it was being dispatched (its sweep, or the job itself): it never starts.
+            if self.queue.finish(job.id, expect=("dispatching",), attempt=job.attempt, state="cancelled",
+                                 reason="cancelled before it started"):
+                self._remove(agent.name, remote_dir)
+            return False
         try:
             self._still_mine(agent.name, token)
             launched = conn.run(launch_command(remote_dir), timeout=agent.command_timeout_s)
