@@ -164,10 +164,10 @@ def cancel_job(fleet: Hosts, job_id: str, force: bool = False) -> JobRecord:
     job = queue.get(job_id)
     if job.done:
         raise JobError(f"job {job.id} already ended ({job.state})")
-    if queue.finish(job.id, expect=("queued",), state="cancelled", reason="cancelled before it started"):
+    if queue.finish(job.id, "cancel", reason="cancelled before it started"):
         return queue.get(job.id)
     if job.lost_provisionally and queue.finish(
-            job.id, expect=("lost",), state="cancelled",
+            job.id, "cancel_lost",
             reason="cancelled while its host was unreachable; a run there that still ends is reported as an event"):
         return queue.get(job.id)
     queue.request_cancel(job.id, force=force)

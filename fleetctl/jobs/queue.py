@@ -1,6 +1,7 @@
 """The durable job queue, in the same store as history (SQLite or PostgreSQL: the SQL here runs on
-both). Job state is written only here, by the named transitions below; each is a compare-and-set
-(``expect=``), so a ``serve`` process and a CLI cancel can never both win.
+both). Job state is written only here, by the transitions of the declared table
+(:mod:`fleetctl.jobs.states`): each is a compare-and-set from the states its event may leave, so a
+``serve`` process and a CLI cancel can never both win.
 
 A queue opened with a :class:`~fleetctl.store.leases.Fence` (a controller of a shared store) also checks,
 in the same statement, that its controller still holds the lease of the job's agent: a controller
@@ -19,7 +20,8 @@ from typing import Any
 
 from fleetctl._durations import utc
 from fleetctl.errors import JobError
-from fleetctl.jobs.model import JobRecord, JobResult, JobSpec, JobState, SweepKind, SweepRecord, TaskRef
+from fleetctl.jobs.model import FINAL_STATES, JobRecord, JobResult, JobSpec, JobState, SweepKind, SweepRecord, TaskRef
+from fleetctl.jobs.states import JobEvent, sources, target
 from fleetctl.store import Connection, Row, Store
 from fleetctl.store.leases import Fence, FenceSource
 
@@ -177,21 +179,22 @@ class JobQueue:
         reason = "cancelled with its sweep before it started"
         with self.store.transaction() as db:
             db.execute("UPDATE sweeps SET cancelled = ? WHERE id = ? AND cancelled IS NULL", (now, sweep_id))
+            (queued,) = sources("cancel")  # the table's own states, as every transition uses them
             db.execute("INSERT INTO job_events (job_id, ts, event, detail) SELECT id, ?, ?, ? FROM jobs "
-                       "WHERE parent = ? AND state = 'queued'", (now, "cancelled", reason, sweep_id))
-            cancelled = db.execute("UPDATE jobs SET state = 'cancelled', reason = ?, finished = ?, updated = ? "
-                                   "WHERE parent = ? AND state = 'queued'", (reason, now, now, sweep_id)).rowcount
+                       "WHERE parent = ? AND state = ?", (now, "cancelled", reason, sweep_id, queued))
+            cancelled = db.execute("UPDATE jobs SET state = ?, reason = ?, finished = ?, updated = ? WHERE parent = ? AND state = ?",
+                                   (target("cancel"), reason, now, now, sweep_id, queued)).rowcount
             db.execute("INSERT INTO job_events (job_id, ts, event, detail) SELECT id, ?, ?, ? FROM jobs "
                        "WHERE parent = ? AND state IN ('dispatching', 'running') AND cancel_requested = 0",
                        (now, "cancel_requested", "force" if force else None, sweep_id))
             db.execute("UPDATE jobs SET cancel_requested = 1, updated = ? WHERE parent = ? AND state IN ('dispatching', 'running')",
                        (now, sweep_id))
             # A provisionally lost task ends now, as a lost single job does on cancel.
+            (lost,) = sources("cancel_lost")
             db.execute("INSERT INTO job_events (job_id, ts, event, detail) SELECT id, ?, ?, ? FROM jobs "
-                       "WHERE parent = ? AND state = 'lost' AND finished IS NULL", (now, "cancelled", reason, sweep_id))
-            db.execute("UPDATE jobs SET state = 'cancelled', finished = ?, updated = ?, reason = ? "
-                       "WHERE parent = ? AND state = 'lost' AND finished IS NULL",
-                       (now, now, "cancelled with its sweep while its host was unreachable", sweep_id))
+                       "WHERE parent = ? AND state = ? AND finished IS NULL", (now, "cancelled", reason, sweep_id, lost))
+            db.execute("UPDATE jobs SET state = ?, finished = ?, updated = ?, reason = ? WHERE parent = ? AND state = ? AND finished IS NULL",
+                       (target("cancel_lost"), now, now, "cancelled with its sweep while its host was unreachable", sweep_id, lost))
         return cancelled
 
     def dependency(self, dep_id: str) -> JobRecord | SweepRecord:
@@ -218,60 +221,67 @@ class JobQueue:
                 return False
             if fence is not None and fence.held_tokens(db, self.store, agent).get(agent) != fence.tokens.get(agent):
                 return False  # the lease row stays share-locked to commit: a takeover waits for it
-            return self._write(db, job_id, ("queued",), "attempt = ?", (attempt - 1,), "dispatching", agent, fields, agent)
+            return self._write(db, job_id, sources("claim"), "attempt = ?", (attempt - 1,), "dispatching", agent,
+                               {**fields, "state": target("claim")}, agent)
 
     def set_remote_dir(self, job_id: str, remote_dir: str, attempt: int) -> bool:
         """Where the dispatching ``attempt``'s files are, once ``mktemp -d`` made the directory."""
         return self._cas(job_id, ("dispatching",), "attempt = ?", (attempt,), None, None, {"remote_dir": remote_dir})
 
-    def requeue(self, job_id: str, *, expect: Sequence[JobState], event: str, detail: str | None, reason: str | None,
+    def requeue(self, job_id: str, event: JobEvent, *, detail: str | None, reason: str | None,
                 keep_location: bool = False) -> bool:
-        """Back to ``queued``. ``keep_location`` keeps the last attempt's agent, GPUs and directory, so
-        that attempt can still be collected or resumed if its host comes back before a retry starts."""
-        fields: dict[str, Any] = {"state": "queued", "reason": reason}
+        """Back to ``queued``: ``requeue`` (a dispatch that did not start the job) or ``retry`` (its host
+        is lost, a retry is left; recorded as ``lost``). ``keep_location`` keeps the last attempt's agent,
+        GPUs and directory, so that attempt can still be collected or resumed if its host comes back
+        before a retry starts."""
+        if target(event) != "queued":
+            raise JobError(f"{event!r} does not requeue a job", hint="requeue with 'requeue' or 'retry'")
+        fields: dict[str, Any] = {"reason": reason}
         if not keep_location:
             fields.update(agent=None, gpus=[], remote_dir=None)
-        return self._cas(job_id, expect, "", (), event, detail, fields)
+        return self._move(job_id, event, "", (), "lost" if event == "retry" else "requeued", detail, fields)
 
     def mark_running(self, job_id: str, remote_dir: str, detail: str | None = None, *, attempt: int | None = None) -> bool:
         guard, params = ("attempt = ?", (attempt,)) if attempt is not None else ("", ())
-        return self._cas(job_id, ("dispatching",), guard, params, "running", detail or remote_dir,
-                         {"state": "running", "remote_dir": remote_dir, "started": time.time()})
+        return self._move(job_id, "launch", guard, params, "running", detail or remote_dir,
+                          {"remote_dir": remote_dir, "started": time.time()})
 
     def resume(self, job_id: str, attempt: int, detail: str) -> bool:
         """A requeued job whose lost attempt turned out to be still running: running again, no retry."""
-        return self._cas(job_id, ("queued",), "attempt = ? AND remote_dir IS NOT NULL", (attempt,), "resumed", detail,
-                         {"state": "running", "reason": None})
+        return self._move(job_id, "resume", "attempt = ? AND remote_dir IS NOT NULL", (attempt,), "resumed", detail,
+                          {"reason": None})
 
     def lose(self, job_id: str, *, detail: str, reason: str) -> bool:
         """Active -> ``lost``, provisionally: ``finished`` stays empty until the result comes back or
         ``lost_grace_s`` passes (``finalize_lost``)."""
-        return self._cas(job_id, ("dispatching", "running"), "", (), "lost", detail,
-                         {"state": "lost", "finished": None, "reason": reason})
+        return self._move(job_id, "lose", "", (), "lost", detail, {"finished": None, "reason": reason})
 
     def finalize_lost(self, job_id: str, reason: str) -> bool:
-        return self._cas(job_id, ("lost",), "finished IS NULL", (), "lost_final", reason,
-                         {"finished": time.time(), "reason": reason})
+        return self._move(job_id, "finalize_lost", "finished IS NULL", (), "lost_final", reason,
+                          {"finished": time.time(), "reason": reason})
 
-    def finish(self, job_id: str, *, expect: Sequence[JobState], state: JobState, reason: str,
-               result: JobResult | None = None, event: str | None = None, detail: str | None = None,
-               attempt: int | None = None, **location: Any) -> bool:
-        """To a final state. ``expect=("lost",)`` only takes a provisionally lost job; ``attempt``
-        guards against a newer attempt; ``location`` (agent, remote_dir, gpus) names the attempt that ended."""
+    def finish(self, job_id: str, event: JobEvent, *, reason: str, result: JobResult | None = None,
+               log_as: str | None = None, detail: str | None = None, attempt: int | None = None, **location: Any) -> bool:
+        """To the final state ``event`` leads to (recorded as ``log_as``, else that state's name). From
+        ``lost`` only while the job is provisionally lost; ``attempt`` guards against a newer attempt;
+        ``location`` (agent, remote_dir, gpus) names the attempt that ended."""
+        state = target(event)
+        if state not in FINAL_STATES:
+            raise JobError(f"{event!r} does not end a job", hint="finish with an event that leads to a final state")
         guards, params = [], []
-        if "lost" in expect:
+        if "lost" in sources(event):
             guards.append("(state != 'lost' OR finished IS NULL)")
         if attempt is not None:
             guards.append("attempt = ?")
             params.append(attempt)
-        fields: dict[str, Any] = {"state": state, "reason": reason, **location}
+        fields: dict[str, Any] = {"reason": reason, **location}
         if result is not None:
             fields.update(result=result, exit_code=result.exit_code, signal=result.signal,
                           finished=result.finished.timestamp() if result.finished else time.time())
         else:
             fields["finished"] = time.time()
-        return self._cas(job_id, expect, " AND ".join(guards), tuple(params), event or state, detail or reason, fields,
-                         agent_param=location.get("agent"))
+        return self._move(job_id, event, " AND ".join(guards), tuple(params), log_as or state, detail or reason, fields,
+                          agent_param=location.get("agent"))
 
     def request_cancel(self, job_id: str, *, force: bool, event: bool = True) -> bool:
         """Mark a dispatching or running job for cancel; whoever takes the mark sends the signal."""
@@ -298,6 +308,12 @@ class JobQueue:
     def lost_at(self, job_id: str) -> float | None:
         rows = self.store.query("SELECT MAX(ts) AS ts FROM job_events WHERE job_id = ? AND event = 'lost'", (job_id,))
         return rows[0]["ts"] if rows else None
+
+    def _move(self, job_id: str, event: JobEvent, guard: str, guard_params: tuple[Any, ...], log_as: str,
+              detail: str | None, fields: dict[str, Any], agent_param: str | None = None) -> bool:
+        """One transition of the table: from the states ``event`` may leave to the one it leads to."""
+        return self._cas(job_id, sources(event), guard, guard_params, log_as, detail, {"state": target(event), **fields},
+                         agent_param)
 
     def _cas(self, job_id: str, expect: Sequence[JobState] | None, guard: str, guard_params: tuple[Any, ...],
              event: str | None, detail: str | None, fields: dict[str, Any], agent_param: str | None = None) -> bool:
