@@ -154,8 +154,8 @@ def list_jobs(states: tuple[str, ...], tasks: bool, as_json: bool) -> None:
         records = queue.list(list(states) or None, tasks=tasks)  # type: ignore[arg-type]
         sweeps = [] if tasks else [s for s in queue.sweeps() if not states or s.state in states]
     if as_json:
-        print_json([*records, *({**s.model_dump(mode="json", exclude={"spec"}), "kind": "sweep", "sweep_kind": s.kind,
-                                 "state": s.state} for s in sweeps)])
+        # A sweep is told from a job by its id (``s...``) and its ``count`` and ``counts`` per state.
+        print_json([*records, *({**s.model_dump(mode="json"), "state": s.state} for s in sweeps)])
         return
     columns = [Column("ID"), Column("NAME", priority=40, flex=2, min_width=6), Column("STATE"),
                Column("AGENT", priority=60, flex=3, min_width=6), Column("GPU#", priority=50),

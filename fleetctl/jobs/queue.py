@@ -86,7 +86,9 @@ class JobQueue:
                                     (job_id.lower().replace("%", "").replace("_", "") + "%",))
         if len(rows) != 1:
             problem = "is ambiguous" if rows else "does not exist"
-            raise JobError(f"job {job_id!r} {problem}", hint="see `fleetctl jobs list`")
+            sweep = not rows and job_id.startswith(SWEEP_PREFIX)
+            raise JobError(f"job {job_id!r} {problem}" + (" (a sweep's id? its tasks are jobs)" if sweep else ""),
+                           hint=f"`fleetctl jobs show {job_id}` lists its tasks" if sweep else "see `fleetctl jobs list`")
         return _record(rows[0])
 
     def list(self, states: Sequence[JobState] | None = None, *, tasks: bool = True) -> builtins.list[JobRecord]:

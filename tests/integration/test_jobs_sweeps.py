@@ -124,6 +124,11 @@ def test_the_cli_submits_lists_shows_and_waits_on_a_sweep_as_one(three_hosts: Sa
         (0, {"name": "x", "n": 1}, "succeeded"), (1, {"name": "y", "n": 2}, "failed"),
         (2, {"name": "z", "n": 3, "extra-flag": True}, "succeeded")]
     assert run_cli("jobs", "logs", shown["tasks"][2]["id"], *where).stdout == "3 true\n"
+    as_json = {entry["id"]: entry for entry in json.loads(run_cli("jobs", "list", "--json", *where).stdout)}
+    assert as_json[sweep_id]["counts"] == {"succeeded": 2, "failed": 1} and as_json[sweep_id]["state"] == "failed"
+    assert set(as_json) == {sweep_id, single}
+    logs = run_cli("jobs", "logs", sweep_id, *where)
+    assert logs.returncode == 1 and "a sweep's id?" in logs.stderr and f"jobs show {sweep_id}" in logs.stderr
     every = run_cli("jobs", "list", "--tasks", *where).stdout
     assert all(t["id"] in every for t in shown["tasks"])
     text = run_cli("jobs", "show", sweep_id, *where).stdout
