@@ -2,6 +2,11 @@
 against the reference design (one OpenSSH ``ssh`` command per step) measured in the same run.
 
     .venv/bin/python bench/jobs.py [--hosts 8] [--jobs 200]
+    .venv/bin/python bench/jobs.py --array 1000 [--repeat 5]    # submit --array N on SQLite and PostgreSQL
+
+``--array N`` times ``fleetctl submit --array N`` alone (the parent and N tasks in one transaction): the
+library call ``fleet.submit_sweep(array=N)`` and the whole command in a subprocess (interpreter start
+included), on the SQLite store and, where PostgreSQL's server is installed, on a private cluster.
 
 fleetctl: submit N jobs, then drive the queue (heartbeat + runner tick) until all are collected.
 Latency is from the moment a job is marked ``dispatching`` to the moment its command starts on
@@ -12,6 +17,7 @@ the host (the command prints its own start time). Baseline per job: ``ssh mktemp
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -76,12 +82,62 @@ def measure_ssh_baseline(bench: BenchFleet, count: int) -> dict[str, float]:
             "latency_p95_ms": sorted(latencies)[max(0, int(len(latencies) * 0.95) - 1)]}
 
 
+INVENTORY = '[[agents]]\nname = "bench"\nhostname = "127.0.0.1"\nssh_port = 1\n'  # submit needs an agent, never reaches it
+
+
+def measure_array_submit(scratch: Path, count: int, repeat: int, store: str | None) -> dict[str, float]:
+    """Medians of ``repeat`` submits of an array of ``count`` tasks, each on a fresh state dir."""
+    config = scratch / "agents.toml"
+    config.write_text(INVENTORY)
+    library, command = [], []
+    for number in range(repeat):
+        state = scratch / f"state-{store is not None}-{number}"
+        options = {"store": store} if store else {}
+        with Fleet.from_config(config, state_dir=state, **options) as fleet:
+            fleet.jobs()  # the store is open and migrated before timing
+            started = time.perf_counter()
+            sweep = fleet.submit_sweep(["true"], array=count)
+            library.append(time.perf_counter() - started)
+            assert sweep.record.counts == {"queued": count}
+        env = {**os.environ, **({"FLEETCTL_STORE": store} if store else {})}
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "fleetctl", "submit", "--array", str(count), "--config", str(config),
+                        "--state-dir", str(state), "--", "true"], check=True, capture_output=True, env=env, timeout=120)
+        command.append(time.perf_counter() - started)
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "fleetctl", "--version"], capture_output=True, timeout=60)
+    return {"library_s": statistics.median(library), "command_s": statistics.median(command),
+            "interpreter_s": time.perf_counter() - started}
+
+
+def main_array(count: int, repeat: int) -> None:
+    from fleetctl.sandbox.postgres import PostgresCluster, bindir
+
+    with tempfile.TemporaryDirectory(prefix="fleetctl-bench-array-") as scratch:
+        rows = [("SQLite", measure_array_submit(Path(scratch), count, repeat, None))]
+        if bindir() is not None:
+            cluster = PostgresCluster(Path(scratch) / "pg").start()
+            try:
+                rows.append(("PostgreSQL", measure_array_submit(Path(scratch), count, repeat, cluster.create_database("bench"))))
+            finally:
+                cluster.stop()
+    print(f"submit --array {count}, median of {repeat}")
+    print(f"{'store':12}{'submit_sweep (s)':>18}{'fleetctl submit (s)':>21}{'of which `fleetctl --version` (s)':>35}")
+    for name, row in rows:
+        print(f"{name:12}{row['library_s']:18.3f}{row['command_s']:21.3f}{row['interpreter_s']:35.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hosts", type=int, default=8)
     parser.add_argument("--jobs", type=int, default=200)
     parser.add_argument("--baseline-jobs", type=int, default=20)
+    parser.add_argument("--array", type=int, help="time `submit --array N` alone, on SQLite and PostgreSQL")
+    parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
+    if args.array:
+        main_array(args.array, args.repeat)
+        return
     with tempfile.TemporaryDirectory(prefix="fleetctl-bench-jobs-") as scratch:
         bench = BenchFleet(Path(scratch), args.hosts, ports_per_sshd=4).up()
         try:

@@ -37,7 +37,8 @@ from fleetctl.fleet import Fleet, HeartbeatRound
 from fleetctl.hosts.registration import Registration, register_ssh
 from fleetctl.inventory.config import Agent, Bastion, Inventory, load_config
 from fleetctl.jobs.api import Job
-from fleetctl.jobs.model import JobRecord, JobResult, JobSpec
+from fleetctl.jobs.model import JobRecord, JobResult, JobSpec, SweepRecord
+from fleetctl.jobs.sweeps import Sweep
 from fleetctl.ssh.seam import CommandResult
 from fleetctl.telemetry.parsers import parse_gpu_output
 from fleetctl.telemetry.snapshot import GpuSample, HostBasics, TelemetrySnapshot
@@ -47,6 +48,6 @@ __all__ = [
     "ConnectTimeout", "ConnectionLost", "DriverError", "Fleet", "FleetError", "GpuSample", "HeartbeatRound",
     "HostBasics", "HostKeyError", "InvalidQueryError", "Inventory", "Job", "JobError", "JobRecord", "JobResult",
     "JobSpec", "LeaseLost", "NoGpusError", "OutputTooLarge", "ParseError", "RemoteFileError", "RemoteFileNotFound",
-    "Registration", "SandboxError", "StoreError", "TelemetrySnapshot", "ToolMissingError", "TransportError",
+    "Registration", "SandboxError", "StoreError", "Sweep", "SweepRecord", "TelemetrySnapshot", "ToolMissingError", "TransportError",
     "UnknownAgentError", "UnreachableError", "__version__", "load_config", "parse_gpu_output", "register_ssh",
 ]

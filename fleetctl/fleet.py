@@ -17,6 +17,7 @@ from fleetctl.hosts.core import DEFAULT_MAX_PARALLEL_SSH, HeartbeatRound, Hosts
 from fleetctl.inventory.config import Agent, Inventory, load_config
 from fleetctl.jobs.api import Job, jobs_frame, submit
 from fleetctl.jobs.queue import JobQueue
+from fleetctl.jobs.sweeps import Sweep, submit_sweep
 from fleetctl.settings import ControllerSettings
 from fleetctl.telemetry.snapshot import TelemetrySnapshot
 
@@ -93,6 +94,21 @@ class Fleet:
         ``code="DIR"``: run in a snapshot of DIR taken now, as the working directory)."""
         self.inventory.require()  # a job needs agents to run on
         return submit(self.hosts, command, **options)
+
+    def submit_sweep(self, command: list[str] | str, *, params: list[dict[str, Any]] | None = None,
+                     grid: dict[str, list[Any]] | None = None, array: int | None = None,
+                     max_concurrent: int | None = None, **options: Any) -> Sweep:
+        """Queue one task per parameter set, in one transaction: ``array=N`` (N tasks),
+        ``grid={"lr": [0.1, 0.01], "batch": [32, 64]}`` (every combination) or ``params=[{...}, ...]``.
+        Each task sees ``FLEETCTL_TASK_INDEX``, ``FLEETCTL_TASK_COUNT``, ``FLEETCTL_PARAM_<NAME>`` and
+        ``task`` in job.json; ``max_concurrent`` caps how many run at once; the other options are
+        :meth:`submit`'s, for every task. ``.results()`` of the handle is one row per task."""
+        self.inventory.require()
+        return submit_sweep(self.hosts, command, params=params, grid=grid, array=array, max_concurrent=max_concurrent, **options)
+
+    def sweep(self, sweep_id: str) -> Sweep:
+        """The handle of a sweep already queued."""
+        return Sweep(self.hosts, JobQueue(self.hosts.store).get_sweep(sweep_id).id)
 
     def job(self, job_id: str) -> Job:
         """The handle of a job already queued (``wait()``, ``result``, ``cancel()``, ``events``)."""

@@ -14,7 +14,7 @@ PUBLIC = [
     "ConnectTimeout", "ConnectionLost", "DriverError", "Fleet", "FleetError", "GpuSample", "HeartbeatRound",
     "HostBasics", "HostKeyError", "InvalidQueryError", "Inventory", "Job", "JobError", "JobRecord", "JobResult",
     "JobSpec", "LeaseLost", "NoGpusError", "OutputTooLarge", "ParseError", "RemoteFileError", "RemoteFileNotFound",
-    "Registration", "SandboxError", "StoreError", "TelemetrySnapshot", "ToolMissingError", "TransportError",
+    "Registration", "SandboxError", "StoreError", "Sweep", "SweepRecord", "TelemetrySnapshot", "ToolMissingError", "TransportError",
     "UnknownAgentError", "UnreachableError", "__version__", "load_config", "parse_gpu_output", "register_ssh",
 ]
 # The parts of the package (tests/test_layers.py draws them): namespaces one imports from
@@ -22,7 +22,7 @@ PUBLIC = [
 PARTS = {"errors", "settings", "paths", "ssh", "store", "inventory", "telemetry", "hosts", "jobs", "fleet",
          "fabric", "testing", "serve", "cli", "sandbox"}
 NOTEBOOK_METHODS = {"agents", "close", "drain", "from_config", "health", "heartbeat", "heartbeat_each", "history",
-                    "inventory", "job", "jobs", "run", "settings", "submit"}
+                    "inventory", "job", "jobs", "run", "settings", "submit", "submit_sweep", "sweep"}
 
 
 def test_public_api_is_exactly_all() -> None:

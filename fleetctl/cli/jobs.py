@@ -18,9 +18,10 @@ from fleetctl.fleet import Fleet
 from fleetctl.inventory.config import load_config
 from fleetctl.jobs.api import cancel_job, refresh_reasons
 from fleetctl.jobs.code.progress import reporting
-from fleetctl.jobs.driver import NO_CONTROLLER
-from fleetctl.jobs.model import FINAL_STATES, JobRecord, JobSpec, parse_duration
+from fleetctl.jobs.driver import NO_CONTROLLER, controller_live
+from fleetctl.jobs.model import FINAL_STATES, JobRecord, JobSpec, SweepRecord, parse_duration
 from fleetctl.jobs.queue import JobQueue
+from fleetctl.jobs.sweeps import cancel_sweep, is_sweep_id, parse_sweep_option, read_params_file
 from fleetctl.settings import default_of
 
 STATES = ("queued", "dispatching", "running", *FINAL_STATES)
@@ -62,26 +63,55 @@ def _payload(path: str | None) -> object:
 @click.option("--priority", type=int, default=default_of(JobSpec, "priority"), show_default=True, help="Higher runs first; FIFO within a priority.")
 @click.option("--code", "code", metavar="DIR",
               help="Run in a snapshot of DIR taken now (its .gitignore and .fleetctlignore honoured), as the working directory.")
-@click.option("--wait", "wait", is_flag=True, help="Wait for the job to end; exit 0 if it succeeded, 3 if not.")
+@click.option("--array", "array", type=click.IntRange(min=1), metavar="N",
+              help="Submit N tasks of COMMAND as one sweep; each sees $FLEETCTL_TASK_INDEX (0..N-1) and $FLEETCTL_TASK_COUNT.")
+@click.option("--sweep", "sweep", multiple=True, metavar="NAME=V1,V2",
+              help="A sweep over every combination of these values (repeatable); each task sees $FLEETCTL_PARAM_<NAME>.")
+@click.option("--sweep-file", "sweep_file", type=click.Path(dir_okay=False), metavar="FILE.jsonl",
+              help="A sweep with one task per line of FILE (a JSON object of parameters each).")
+@click.option("--max-concurrent", "max_concurrent", type=click.IntRange(min=1), metavar="N",
+              help="At most N tasks of this sweep dispatching or running at once.")
+@click.option("--wait", "wait", is_flag=True, help="Wait for the job (every task) to end; exit 0 if it succeeded, 3 if not.")
 @click.argument("command", nargs=-1, required=True)
 @common_options
 def submit_command(gpus: int, min_free_mem_mib: float | None, labels: tuple[str, ...], agent: str | None,
                    env: tuple[str, ...], workdir: str | None, timeout: str | None, retries: int, payload: str | None,
                    outputs: tuple[str, ...], after: tuple[str, ...], name: str | None, priority: int, code: str | None,
+                   array: int | None, sweep: tuple[str, ...], sweep_file: str | None, max_concurrent: int | None,
                    wait: bool, command: tuple[str, ...]) -> None:
-    """Queue COMMAND for the fleet and print the job id (durable once printed).
+    """Queue COMMAND for the fleet and print the job id (durable once printed); with --array,
+    --sweep or --sweep-file, one sweep of tasks in one transaction, and print the sweep's id.
 
     \b
     fleetctl submit --gpus 2 -- python3 train.py --epochs 3
     fleetctl submit --code . --gpus 1 -- python3 train.py   # runs in a snapshot of .
+    fleetctl submit --sweep lr=0.1,0.01 --sweep batch=32,64 -- sh -c 'python3 train.py --lr $FLEETCTL_PARAM_LR'
     """
-    options = {"code": code} if code is not None else {}
+    options: dict[str, object] = {"code": code} if code is not None else {}
+    options.update(gpus=gpus, min_free_mem_mib=min_free_mem_mib, labels=parse_labels(labels), agent=agent,
+                   env=parse_labels(env, "--env"), workdir=workdir, timeout_s=parse_duration(timeout) if timeout else None,
+                   retries=retries, payload=_payload(payload), outputs=list(outputs), after=list(after), name=name,
+                   priority=priority)
+    given = [flag for flag, value in (("--array", array), ("--sweep", sweep), ("--sweep-file", sweep_file)) if value]
+    if len(given) > 1:
+        raise ConfigError(f"{' and '.join(given)} cannot be combined", hint="one sweep is an array, a grid or a file")
+    if max_concurrent is not None and not given:
+        raise ConfigError("--max-concurrent caps the tasks of a sweep", hint="add --array N, --sweep or --sweep-file")
+    if given:
+        sweep_options: dict[str, object] = (
+            {"array": array} if array else {"grid": dict(parse_sweep_option(text) for text in sweep)} if sweep
+            else {"params": read_params_file(sweep_file or "")})
+        with _fleet() as fleet, reporting(TerminalCodeProgress()):
+            handle = fleet.submit_sweep(list(command), max_concurrent=max_concurrent, **sweep_options, **options)  # type: ignore[arg-type]
+            click.echo(handle.id)
+            if wait:
+                _report_sweep_end(handle.wait())
+            elif not controller_live(fleet.hosts):
+                sys.stderr.write(f"fleetctl: {NO_CONTROLLER}; the tasks wait until `fleetctl serve` or "
+                                 f"`fleetctl jobs wait {handle.id}` runs\n")
+        return
     with _fleet() as fleet, reporting(TerminalCodeProgress()):
-        job = fleet.submit(list(command), gpus=gpus, min_free_mem_mib=min_free_mem_mib, labels=parse_labels(labels),
-                           agent=agent, env=parse_labels(env, "--env"), workdir=workdir,
-                           timeout_s=parse_duration(timeout) if timeout else None, retries=retries,
-                           payload=_payload(payload), outputs=list(outputs), after=list(after), name=name,
-                           priority=priority, **options)
+        job = fleet.submit(list(command), **options)
         click.echo(job.id)
         if wait:
             _report_end(job.wait())
@@ -92,6 +122,12 @@ def submit_command(gpus: int, min_free_mem_mib: float | None, labels: tuple[str,
 
 def _report_end(record: JobRecord) -> None:
     sys.stderr.write(f"job {record.id} {record.state}: {one_line(record.reason or '', limit=2000)}\n")
+    if record.state != "succeeded":
+        raise click.exceptions.Exit(EXIT_JOB_FAILED)
+
+
+def _report_sweep_end(record: SweepRecord) -> None:
+    sys.stderr.write(f"sweep {record.id} {record.state}: {record.describe_counts()}\n")
     if record.state != "succeeded":
         raise click.exceptions.Exit(EXIT_JOB_FAILED)
 
@@ -107,22 +143,31 @@ def _when(value: object) -> str:
 
 @jobs_group.command("list")
 @click.option("--state", "states", multiple=True, type=click.Choice(STATES), help="Only jobs in this state; repeatable.")
+@click.option("--tasks", "tasks", is_flag=True, help="List every task of every sweep too (default: one line per sweep).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @common_options
-def list_jobs(states: tuple[str, ...], as_json: bool) -> None:
-    """Jobs, highest priority then oldest first."""
+def list_jobs(states: tuple[str, ...], tasks: bool, as_json: bool) -> None:
+    """Jobs, highest priority then oldest first; a sweep is one line with its tasks counted per state."""
     with _fleet(store_only=True) as fleet:
         refresh_reasons(fleet.hosts)  # queued jobs say so when nothing drives the queue
-        records = JobQueue(fleet.hosts.store).list(list(states) or None)  # type: ignore[arg-type]
+        queue = JobQueue(fleet.hosts.store)
+        records = queue.list(list(states) or None, tasks=tasks)  # type: ignore[arg-type]
+        sweeps = [] if tasks else [s for s in queue.sweeps() if not states or s.state in states]
     if as_json:
-        print_json(records)
+        # A sweep is told from a job by its id (``s...``) and its ``count`` and ``counts`` per state.
+        print_json([*records, *({**s.model_dump(mode="json"), "state": s.state} for s in sweeps)])
         return
     columns = [Column("ID"), Column("NAME", priority=40, flex=2, min_width=6), Column("STATE"),
                Column("AGENT", priority=60, flex=3, min_width=6), Column("GPU#", priority=50),
                Column("SUBMITTED", priority=30), Column("REASON", priority=70, flex=1, min_width=12, hide_empty=True),
                Column("COMMAND", priority=20, flex=4, min_width=10)]
-    out.print(list_table(columns, [(r.id, r.name, r.state, r.agent, ",".join(r.gpus), _when(r.submitted), r.reason,
-                                    " ".join(r.spec.command)) for r in records]))
+    rows: list[tuple[object, ...]] = [(r.submitted, r.id, r.name, r.state, r.agent, ",".join(r.gpus), _when(r.submitted), r.reason, " ".join(r.spec.command))
+            for r in records]
+    rows += [(s.submitted, s.id, s.name, s.state, None, None, _when(s.submitted), s.describe_counts(), " ".join(s.spec.command))
+             for s in sweeps]
+    if sweeps:  # jobs keep their order (priority, then oldest); a sweep goes in by when it was submitted
+        rows.sort(key=lambda row: row[0])  # type: ignore[arg-type,return-value]
+    out.print(list_table(columns, [row[1:] for row in rows]))
 
 
 @jobs_group.command("show")
@@ -130,7 +175,10 @@ def list_jobs(states: tuple[str, ...], as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @common_options
 def show_job(job_id: str, as_json: bool) -> None:
-    """One job: its spec, state, result and history of events."""
+    """One job: its spec, state, result and history of events; a sweep: its counts and every task."""
+    if is_sweep_id(job_id):
+        _show_sweep(job_id, as_json)
+        return
     with _fleet(store_only=True) as fleet:
         refresh_reasons(fleet.hosts)
         queue = JobQueue(fleet.hosts.store)
@@ -152,6 +200,33 @@ def show_job(job_id: str, as_json: bool) -> None:
             out.print(f"  {label}: {visible(value)}")
     for ts, event, detail in events:
         out.print(f"  {time.strftime('%H:%M:%S', time.localtime(ts))} {event}{': ' + one_line(detail, 2000) if detail else ''}")
+
+
+def _show_sweep(sweep_id: str, as_json: bool) -> None:
+    with _fleet(store_only=True) as fleet:
+        refresh_reasons(fleet.hosts)
+        queue = JobQueue(fleet.hosts.store)
+        sweep = queue.get_sweep(sweep_id)
+        tasks = queue.tasks(sweep.id)
+    if as_json:
+        print_json({**sweep.model_dump(mode="json"), "state": sweep.state,
+                    "tasks": [{"id": t.id, "index": t.spec.task.index if t.spec.task else None,
+                               "params": t.spec.task.params if t.spec.task else {}, "state": t.state, "agent": t.agent,
+                               "exit_code": t.exit_code, "reason": t.reason,
+                               "output": t.result.output if t.result else None} for t in tasks]})
+        return
+    out.print(f"sweep {sweep.id} ({visible(sweep.name or 'unnamed')}): {sweep.state}, {sweep.describe_counts()}")
+    out.print(f"  command: {visible(' '.join(sweep.spec.command))}")
+    if sweep.max_concurrent:
+        out.print(f"  max concurrent: {sweep.max_concurrent}")
+    if sweep.cancelled:
+        out.print(f"  cancelled: {_when(sweep.cancelled)}")
+    columns = [Column("#"), Column("ID"), Column("PARAMS", priority=40, flex=2, min_width=6), Column("STATE"),
+               Column("AGENT", priority=60, flex=2, min_width=6), Column("EXIT", priority=50),
+               Column("REASON", priority=70, flex=2, min_width=12, hide_empty=True)]
+    out.print(list_table(columns, [(t.spec.task.index if t.spec.task else "", t.id,
+                                    json.dumps(t.spec.task.params) if t.spec.task and t.spec.task.params else "",
+                                    t.state, t.agent, t.exit_code, t.reason) for t in tasks]))
 
 
 @jobs_group.command("logs")
@@ -201,7 +276,13 @@ def _no_logs(record: JobRecord) -> str | None:
 @click.option("--timeout", metavar="DURATION", help="Give up after this long (exit 1).")
 @common_options
 def wait_job(job_id: str, timeout: str | None) -> None:
-    """Until the job ends (driving the queue if no `fleetctl serve` runs). Exit 0 if it succeeded, 3 if not."""
+    """Until the job (a sweep: every task) ends, driving the queue if no `fleetctl serve` runs. Exit 0
+    if it succeeded, 3 if not."""
+    if is_sweep_id(job_id):
+        with _fleet() as fleet, reporting(TerminalCodeProgress()):
+            sweep = fleet.sweep(job_id).wait(timeout=parse_duration(timeout) if timeout else None)
+        _report_sweep_end(sweep)
+        return
     with _fleet() as fleet, reporting(TerminalCodeProgress()):
         record = fleet.job(job_id).wait(timeout=parse_duration(timeout) if timeout else None)
     _report_end(record)
@@ -212,7 +293,12 @@ def wait_job(job_id: str, timeout: str | None) -> None:
 @click.option("--force", is_flag=True, help="SIGKILL at once instead of SIGTERM then SIGKILL after a grace period.")
 @common_options
 def cancel_command(job_id: str, force: bool) -> None:
-    """Cancel a queued or running job."""
+    """Cancel a queued or running job; a sweep: every task of it (none starts after this)."""
+    if is_sweep_id(job_id):
+        with _fleet() as fleet:
+            sweep = cancel_sweep(fleet.hosts, job_id, force=force)
+        out.print(f"sweep {sweep.id}: cancelled; {sweep.describe_counts()}", markup=False)
+        return
     with _fleet() as fleet:
         record = cancel_job(fleet.hosts, job_id, force=force)
     out.print(f"job {record.id}: {'cancelled' if record.state == 'cancelled' else 'signalled; it ends as cancelled'}",

@@ -112,16 +112,8 @@ class Job:
 def submit(fleet: Hosts, command: list[str] | str, **options: Any) -> Job:
     """Queue a job; durable when this returns. ``command`` is argv (a string runs via ``sh -c``).
     ``code="DIR"``: the job runs in a snapshot of DIR taken now (:mod:`fleetctl.jobs.code`)."""
-    argv = ["sh", "-c", command] if isinstance(command, str) else list(command)
-    if options.get("agent"):
-        fleet.inventory.get(options["agent"])  # an unknown name fails now, with a did-you-mean
     code = options.pop("code", None)
-    try:
-        spec = JobSpec(command=argv, **options)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        field = ".".join(str(p) for p in error["loc"]) or "job"
-        raise JobError(f"job {field}: {str(error['msg']).removeprefix('Value error, ')}") from None
+    spec = job_spec(fleet, command, options)
     queue = JobQueue(fleet.store)
     if code is not None:  # after the spec is known to be valid: a snapshot can take a while
         spec = spec.model_copy(update={"code": snapshot_code(fleet, code)})
@@ -131,6 +123,21 @@ def submit(fleet: Hosts, command: list[str] | str, **options: Any) -> Job:
     live = controller_live(fleet)
     queue.set_reason(job.id, "waiting for the controller's next tick" if live else no_controller_reason(job.id))
     return Job(fleet, job.id)
+
+
+def job_spec(fleet: Hosts, command: list[str] | str, options: dict[str, Any]) -> JobSpec:
+    """The spec of ``submit``'s arguments, or a one-line :class:`JobError` naming the bad field."""
+    argv = ["sh", "-c", command] if isinstance(command, str) else list(command)
+    if options.get("agent"):
+        fleet.inventory.get(options["agent"])  # an unknown name fails now, with a did-you-mean
+    if "task" in options:
+        raise JobError("job task: set by submit_sweep, not by hand", hint="use fleet.submit_sweep(...) for tasks")
+    try:
+        return JobSpec(command=argv, **options)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = ".".join(str(p) for p in error["loc"]) or "job"
+        raise JobError(f"job {field}: {str(error['msg']).removeprefix('Value error, ')}") from None
 
 
 def snapshot_code(fleet: Hosts, code: str | os.PathLike[str] | CodeRef) -> CodeRef:
@@ -157,10 +164,10 @@ def cancel_job(fleet: Hosts, job_id: str, force: bool = False) -> JobRecord:
     job = queue.get(job_id)
     if job.done:
         raise JobError(f"job {job.id} already ended ({job.state})")
-    if queue.finish(job.id, expect=("queued",), state="cancelled", reason="cancelled before it started"):
+    if queue.finish(job.id, "cancel", reason="cancelled before it started"):
         return queue.get(job.id)
     if job.lost_provisionally and queue.finish(
-            job.id, expect=("lost",), state="cancelled",
+            job.id, "cancel_lost",
             reason="cancelled while its host was unreachable; a run there that still ends is reported as an event"):
         return queue.get(job.id)
     queue.request_cancel(job.id, force=force)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import datetime
 from typing import Any, Literal, Optional
@@ -41,6 +42,36 @@ class CodeRef(BaseModel):
     source: str  # the directory it was taken from, for people: never read again
 
 
+class TaskRef(BaseModel):
+    """A job that is one task of a sweep or array (``submit --array/--sweep``): which one, of how
+    many, and its parameters. The job sees them in ``job.json`` (``task``) and as environment:
+    ``FLEETCTL_TASK_INDEX``, ``FLEETCTL_TASK_COUNT`` and ``FLEETCTL_PARAM_<NAME>`` (see :func:`task_environment`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    parent: str
+    index: int = Field(ge=0)
+    count: int = Field(ge=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+    max_concurrent: Optional[int] = Field(default=None, ge=1)  # the parent's cap, kept here for placement
+
+
+def param_env_name(name: str) -> str:
+    """``lr`` -> ``FLEETCTL_PARAM_LR``; ``batch-size`` -> ``FLEETCTL_PARAM_BATCH_SIZE``."""
+    return "FLEETCTL_PARAM_" + re.sub(r"[^A-Za-z0-9_]", "_", name).upper()
+
+
+def param_env_value(value: Any) -> str:
+    """Strings as they are; anything else as JSON (``0.1``, ``32``, ``true``, ``[1, 2]``)."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def task_environment(task: TaskRef) -> dict[str, str]:
+    env = {"FLEETCTL_TASK_INDEX": str(task.index), "FLEETCTL_TASK_COUNT": str(task.count), "FLEETCTL_SWEEP_ID": task.parent}
+    env.update({param_env_name(name): param_env_value(value) for name, value in task.params.items()})
+    return env
+
+
 class JobSpec(BaseModel):
     """Everything ``fleetctl submit`` accepts; stored as JSON in the queue."""
 
@@ -62,6 +93,7 @@ class JobSpec(BaseModel):
     priority: int = 0
     allow_busy_gpus: bool = False  # place on GPUs a foreign process is using
     code: Optional[CodeRef] = None  # runs in its own copy of this snapshot, the working directory
+    task: Optional[TaskRef] = None  # one task of a sweep (set by the queue, never by a user)
 
     @field_validator("command", "name", "workdir", "outputs", "after", "labels", "env", mode="before")
     @classmethod
@@ -150,3 +182,56 @@ class JobRecord(BaseModel):
     def done(self) -> bool:
         """Nothing about this job will change any more (waiters and ``--after`` children go on)."""
         return self.state in FINAL_STATES and not self.lost_provisionally
+
+
+SweepKind = Literal["array", "grid", "list"]
+# The order ``jobs list`` names a sweep's counts in.
+COUNT_ORDER: tuple[str, ...] = ("queued", "dispatching", "running", "lost?", "succeeded", "failed", "cancelled", "timed_out", "lost")
+
+
+class SweepRecord(BaseModel):
+    """The parent of a sweep or array: what was submitted once, and how many of its tasks are in
+    each state (``lost?``: provisionally lost). Its own state is derived from its tasks'."""
+
+    id: str
+    name: Optional[str] = None
+    kind: SweepKind
+    spec: JobSpec  # the template every task was made from (without ``task``)
+    count: int
+    max_concurrent: Optional[int] = None
+    submitted: datetime
+    cancelled: Optional[datetime] = None
+    counts: dict[str, int] = Field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        name = f" {self.name!r}" if self.name else ""
+        return f"<SweepRecord {self.id}{name} {self.state}, {self.count} tasks>"
+
+    @property
+    def open(self) -> int:
+        """Tasks that may still change."""
+        return sum(self.counts.get(state, 0) for state in ("queued", "dispatching", "running", "lost?"))
+
+    @property
+    def done(self) -> bool:
+        return self.open == 0
+
+    @property
+    def lost_provisionally(self) -> bool:
+        return False  # (a dependency reads it: a sweep waits for its tasks, each lost one included)
+
+    @property
+    def state(self) -> str:
+        """``succeeded`` once every task did; ``cancelled`` or ``failed`` once all ended otherwise;
+        while any is open, ``running`` (one is dispatching or running) or ``queued``."""
+        if not self.done:
+            active = self.counts.get("running", 0) + self.counts.get("dispatching", 0)
+            return "running" if active or not self.counts.get("queued") else "queued"
+        if self.counts.get("succeeded", 0) == self.count:
+            return "succeeded"
+        return "cancelled" if self.cancelled is not None else "failed"
+
+    def describe_counts(self) -> str:
+        """``200 tasks: 3 running, 150 succeeded, 47 queued``, in a fixed order."""
+        parts = [f"{self.counts[s]} {s}" for s in COUNT_ORDER if self.counts.get(s)]
+        return f"{self.count} tasks: " + ", ".join(parts)

@@ -3,7 +3,7 @@ health and drain flags, and the GPUs fleetctl jobs already hold."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from fleetctl.inventory.config import Agent
@@ -151,3 +151,15 @@ def never_satisfiable(spec: JobSpec, candidates: Sequence[Candidate]) -> str | N
         if spec.min_free_mem_mib > largest:
             return f"needs {spec.min_free_mem_mib:g} MiB free per GPU; the largest matching GPU has {largest:g} MiB"
     return None
+
+
+def concurrency_cap(spec: JobSpec, running_tasks: Mapping[str, int]) -> str | None:
+    """Why a task of a sweep with ``--max-concurrent`` waits (its sweep already has that many tasks
+    dispatching or running), or None. ``running_tasks``: active tasks per sweep id."""
+    task = spec.task
+    if task is None or task.max_concurrent is None:
+        return None
+    active = running_tasks.get(task.parent, 0)
+    if active < task.max_concurrent:
+        return None
+    return f"waiting: sweep {task.parent} already runs {active} tasks (--max-concurrent {task.max_concurrent})"

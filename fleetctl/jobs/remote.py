@@ -22,7 +22,7 @@ from __future__ import annotations
 import shlex
 
 from fleetctl.jobs.code.manifest import TREE_DIR as CODE_TREE  # a job with code runs in its own tree there
-from fleetctl.jobs.model import JobSpec
+from fleetctl.jobs.model import JobSpec, task_environment
 from fleetctl.settings import ControllerSettings, default_of
 from fleetctl.telemetry.jobdirs import DIR_PATTERN, dir_prefix
 
@@ -71,7 +71,7 @@ def wrapper_script(job_id: str, remote_dir: str, spec: JobSpec, gpu_env: dict[st
     """``run.sh``: start the command in a session of its own, wait, write result.json atomically.
     ``prepare``: a command run first (a job with code: building its tree); if it fails, the command
     does not run and the job ends with exit code 126 and the reason in stderr.log."""
-    env = {**spec.env, **gpu_env}
+    env = {**spec.env, **(task_environment(spec.task) if spec.task else {}), **gpu_env}
     exports = "\n".join(f"export {name}={shlex.quote(value)}" for name, value in env.items())
     command = " ".join(shlex.quote(word) for word in spec.command)
     code_dir = f' FLEETCTL_CODE_DIR="$d/{CODE_TREE}"' if spec.code is not None else ""

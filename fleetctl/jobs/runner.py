@@ -15,6 +15,8 @@ import os
 import shlex
 import signal
 import time
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from fleetctl._durations import utc
@@ -24,8 +26,8 @@ from fleetctl.hosts.core import Hosts
 from fleetctl.inventory.config import Agent
 from fleetctl.jobs.code.store import CodeStore
 from fleetctl.jobs.code.upload import send_code
-from fleetctl.jobs.model import ACTIVE_STATES, JobRecord, JobResult, JobState
-from fleetctl.jobs.placement import Candidate, never_satisfiable, place, waiting_reason
+from fleetctl.jobs.model import ACTIVE_STATES, JobRecord, JobResult, JobState, SweepRecord
+from fleetctl.jobs.placement import Candidate, concurrency_cap, never_satisfiable, place, waiting_reason
 from fleetctl.jobs.queue import JobQueue
 from fleetctl.jobs.remote import (
     LAUNCH_ALREADY_STARTED,
@@ -37,6 +39,7 @@ from fleetctl.jobs.remote import (
     working_dir,
     wrapper_script,
 )
+from fleetctl.jobs.states import collected
 from fleetctl.ssh.seam import Connection
 from fleetctl.store.leases import FenceSource
 from fleetctl.telemetry.history import AgentStatus, agent_statuses
@@ -218,8 +221,7 @@ class JobRunner:
         if lost_before < job.spec.retries:
             # The attempt is remembered: if its host comes back with a result before a retry starts,
             # that result is the job's and the retry never runs.
-            if self.queue.requeue(job.id, expect=ACTIVE_STATES, event="lost", detail=detail, reason=f"requeued: {why}",
-                                  keep_location=True):
+            if self.queue.requeue(job.id, "retry", detail=detail, reason=f"requeued: {why}", keep_location=True):
                 log.warning("job %s: %s; requeued (retry %d of %d)", job.id, why, lost_before + 1, job.spec.retries)
         elif self.queue.lose(job.id, detail=f"{detail}; provisional for up to "
                              f"{self.fleet.settings.lost_grace_s:g}s while its result may still come back", reason=why):
@@ -263,20 +265,19 @@ class JobRunner:
     def _record(self, job: JobRecord, state: JobState, reason: str, result: JobResult, where: str, earlier: bool,
                 **location: str) -> bool:
         if earlier:
-            done = self.queue.finish(job.id, expect=ACTIVE_STATES, attempt=job.attempt, state=state, result=result,
-                                     event="late_result", detail=f"{where} finished first: {reason}",
+            done = self.queue.finish(job.id, collected(state), attempt=job.attempt, result=result,
+                                     log_as="late_result", detail=f"{where} finished first: {reason}",
                                      reason=f"{reason} ({where}, collected after a retry had started)", **location)
             if done:
                 self.queue.note(job.id, "duplicate", f"attempt {job.attempt} on {job.agent} had already started; it runs "
                                 f"on and is reported when it ends", agent=location.get("agent"))
             return done
         if job.state in ACTIVE_STATES:
-            return self.queue.finish(job.id, expect=ACTIVE_STATES, attempt=job.attempt, state=state, reason=reason,
-                                     result=result)
+            return self.queue.finish(job.id, collected(state), attempt=job.attempt, reason=reason, result=result)
         # The host came back and the run had finished after all: record its true result.
         after = "marked lost" if job.state == "lost" else "requeued; no retry ran"
-        return self.queue.finish(job.id, expect=(job.state,), attempt=job.attempt, state=state, result=result,
-                                 event="late_result", detail=f"{where}: {reason}",
+        return self.queue.finish(job.id, collected(state, late=True), attempt=job.attempt, result=result,
+                                 log_as="late_result", detail=f"{where}: {reason}",
                                  reason=f"{reason} (collected after the job was {after})", **location)
 
     def _pull(self, conn: Connection, job: JobRecord, agent_name: str, remote_dir: str, attempt: int,
@@ -351,13 +352,23 @@ class JobRunner:
         return True
 
     def resolve_dependencies(self) -> None:
+        dependencies = self._dependencies()
         for job in self.queue.list(("queued",)):
             for parent_id in job.spec.after:
-                parent = self.queue.get(parent_id)
+                parent = dependencies(parent_id)
                 if parent.done and parent.state != "succeeded":
-                    self.queue.finish(job.id, expect=("queued",), state="failed",
-                                      reason=f"dependency {parent.id} ended {parent.state}; not run")
+                    self.queue.finish(job.id, "reject", reason=f"dependency {parent.id} ended {parent.state}; not run")
                     break
+
+    def _dependencies(self) -> Callable[[str], JobRecord | SweepRecord]:
+        """What ``--after`` names, each read once per pass (a thousand tasks after one sweep read it once)."""
+        seen: dict[str, JobRecord | SweepRecord] = {}
+
+        def read(dep_id: str) -> JobRecord | SweepRecord:
+            if dep_id not in seen:
+                seen[dep_id] = self.queue.dependency(dep_id)
+            return seen[dep_id]
+        return read
 
     # -- placement and dispatch ----------------------------------------------------------------
     def _candidates(self, statuses: dict[str, AgentStatus], active: list[JobRecord]) -> list[Candidate]:
@@ -380,17 +391,30 @@ class JobRunner:
         # Placed only on agents held when the tick began: one taken over mid-tick has jobs ``active``
         # and ``statuses`` do not show yet.
         held = {agent.name for agent in self.fleet.inventory if self._mine(agent.name)}
-        for job in self.queue.list(("queued",)):
-            waiting = [p for p in (self.queue.get(p) for p in job.spec.after) if p.state != "succeeded"]
+        queued = self.queue.list(("queued",))
+        dependencies = self._dependencies()
+        # Tasks of a cancelled sweep (a lost one requeued after the cancel, say) are never claimed again.
+        stopped = self.queue.cancelled_sweeps(sorted({j.spec.task.parent for j in queued if j.spec.task}))
+        running_tasks = Counter(j.spec.task.parent for j in active if j.spec.task)  # per sweep, for --max-concurrent
+        for job in queued:
+            task = job.spec.task
+            if task is not None and task.parent in stopped:
+                self.queue.finish(job.id, "cancel", reason="cancelled with its sweep before it started")
+                continue
+            waiting = [p for p in (dependencies(p) for p in job.spec.after) if p.state != "succeeded"]
             if waiting:
                 parent = waiting[0]
                 how = "lost for now; its host may come back" if parent.lost_provisionally else parent.state
                 self.queue.set_reason(job.id, f"waiting for dependency {parent.id} ({how})")
                 continue
+            capped = concurrency_cap(job.spec, running_tasks)
+            if capped:
+                self.queue.set_reason(job.id, capped)
+                continue
             candidates = self._candidates(statuses, active)
             impossible = never_satisfiable(job.spec, candidates)
             if impossible:
-                self.queue.finish(job.id, expect=("queued",), state="failed", reason=f"cannot be placed: {impossible}")
+                self.queue.finish(job.id, "reject", reason=f"cannot be placed: {impossible}")
                 continue
             # Placed only on agents this controller leases; the reason why not still weighs them all.
             placement = place(job.spec, [c for c in candidates if c.agent.name in held and self._mine(c.agent.name)])
@@ -403,6 +427,8 @@ class JobRunner:
             # Snapshots do not change within a tick; the GPUs this claim took are held in ``active``.
             claimed = self.queue.get(job.id)
             active.append(claimed)
+            if task is not None:
+                running_tasks[task.parent] += 1
             if self.dispatch(claimed, placement.gpus):
                 dispatched.append(job.id)
         return dispatched
@@ -429,14 +455,14 @@ class JobRunner:
             log.warning("job %s: not dispatched: %s", job.id, exc)
             return False
         except CodeError as exc:  # its code cannot run there as it is (snapshot gone, host cannot build it): no retry helps
-            self.queue.finish(job.id, expect=("dispatching",), state="failed", reason=one_line(str(exc)))
+            self.queue.finish(job.id, "dispatch_failed", reason=one_line(str(exc)))
             if remote_dir is not None:
                 self._remove(agent.name, remote_dir)
             return False
         except TransportError as exc:
             if remote_dir is not None:
                 self._remove(agent.name, remote_dir)  # if this fails too, the orphan scan removes it later
-            self.queue.requeue(job.id, expect=("dispatching",), event="requeued", detail=one_line(str(exc)),
+            self.queue.requeue(job.id, "requeue", detail=one_line(str(exc)),
                                reason=f"dispatch to {agent.name} failed ({status_of(exc)}): {one_line(str(exc))}")
             return False
         return self._launch(conn, agent, job, remote_dir, claimed_under)
@@ -454,6 +480,8 @@ class JobRunner:
             prepare = sent.build  # the job's own tree is built by its wrapper on the host, off the dispatch's path
         document = {"id": job.id, "name": job.spec.name, "command": job.spec.command, "env": job.spec.env,
                     "payload": job.spec.payload, "gpus": ids, "timeout_s": job.spec.timeout_s, "attempt": job.attempt}
+        if job.spec.task is not None:
+            document["task"] = job.spec.task.model_dump(include={"parent", "index", "count", "params"})
         conn.write_bytes(f"{remote_dir}/job.json", json.dumps(document, indent=1).encode())
         conn.write_bytes(f"{remote_dir}/run.sh", wrapper_script(job.id, remote_dir, job.spec, gpu_env,
                                                                     self.fleet.settings.kill_grace_s, prepare).encode())
@@ -467,6 +495,11 @@ class JobRunner:
             raise LeaseLost(f"this controller no longer holds the lease of {agent} it claimed the job under")
 
     def _launch(self, conn: Connection, agent: Agent, job: JobRecord, remote_dir: str, token: int | None) -> bool:
+        if self.queue.get(job.id).cancel_requested:
+            # Cancelled while it was being dispatched (its sweep, or the job itself): it never starts.
+            if self.queue.finish(job.id, "cancel_before_launch", attempt=job.attempt, reason="cancelled before it started"):
+                self._remove(agent.name, remote_dir)
+            return False
         try:
             self._still_mine(agent.name, token)
             launched = conn.run(launch_command(remote_dir), timeout=agent.command_timeout_s)
@@ -481,7 +514,7 @@ class JobRunner:
         _failpoint("after-launch")
         if launched.ok or launched.exit_code == LAUNCH_ALREADY_STARTED:
             return self.queue.mark_running(job.id, remote_dir, attempt=job.attempt)
-        self.queue.finish(job.id, expect=("dispatching",), state="failed",
+        self.queue.finish(job.id, "dispatch_failed",
                           reason=f"launch on {agent.name} failed: {one_line(launched.stderr) or launched.exit_code}")
         self._remove(agent.name, remote_dir)
         return False
@@ -495,8 +528,7 @@ class JobRunner:
                 continue
             agent = self._agent(job.agent)
             if agent is None:
-                self.queue.requeue(job.id, expect=("dispatching",), event="requeued",
-                                   detail="agent no longer in the inventory", reason=None)
+                self.queue.requeue(job.id, "requeue", detail="agent no longer in the inventory", reason=None)
                 continue
             try:
                 self._reconcile_one(job, agent)
@@ -511,16 +543,14 @@ class JobRunner:
                  'printf "%s %s\\n" "$s" "$d"; done')
         found = conn.run("sh -c " + shlex.quote(probe), timeout=agent.command_timeout_s).stdout.split()
         if len(found) < 2:
-            self.queue.requeue(job.id, expect=("dispatching",), event="requeued", reason=None,
-                               detail="controller restarted before the job directory existed")
+            self.queue.requeue(job.id, "requeue", reason=None, detail="controller restarted before the job directory existed")
             return
         state, remote_dir = found[0], found[1]
         if not self.queue.set_remote_dir(job.id, remote_dir, job.attempt):
             return
         if state == "partial":
             self._remove(agent.name, remote_dir)
-            self.queue.requeue(job.id, expect=("dispatching",), event="requeued", reason=None,
-                               detail="controller restarted mid-upload")
+            self.queue.requeue(job.id, "requeue", reason=None, detail="controller restarted mid-upload")
             return
         if state == "ready":
             launched = conn.run(launch_command(remote_dir), timeout=agent.command_timeout_s)

@@ -67,6 +67,18 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE telemetry ADD COLUMN controller TEXT;
     ALTER TABLE job_events ADD COLUMN controller TEXT;
     """,
+    # sweeps: one parent row per ``submit --array/--sweep/--sweep-file``; its tasks are ordinary jobs that
+    # name it (``parent``, ``task_index``), so placement, retries, cancel and ``lost`` stay per task.
+    # ``cancelled``: when ``jobs cancel PARENT`` was recorded (no task is claimed after it).
+    """
+    CREATE TABLE sweeps (
+        seq {serial_key}, id TEXT NOT NULL UNIQUE, name TEXT, kind TEXT NOT NULL, spec TEXT NOT NULL,
+        count INTEGER NOT NULL, max_concurrent INTEGER, submitted {real} NOT NULL, cancelled {real}
+    );
+    ALTER TABLE jobs ADD COLUMN parent TEXT;
+    ALTER TABLE jobs ADD COLUMN task_index INTEGER;
+    CREATE INDEX jobs_parent ON jobs (parent, task_index);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
