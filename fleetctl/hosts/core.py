@@ -108,6 +108,7 @@ class Hosts:
         self.gpu_health_checks = self.settings.gpu_health_checks
         # Per host: the health fields its driver answers, its bus ids, its journal cursor (health_beat.HostMemory).
         self._gpu_memory: dict[str, HostMemory] = {}
+        self._gpu_written: dict[str, tuple[object, ...]] = {}  # hosts whose stored GPU health is all ok (quarantine.apply)
         self.gpu_events: list[GpuEvent] = []  # what the last record() did to GPUs (quarantined, recovered, ...)
         self._store: Store | None = None
         self._pruned_at = -PRUNE_EVERY_S
@@ -296,7 +297,8 @@ class Hosts:
         ``fence``, only agents whose lease it holds are written (:func:`fleetctl.telemetry.history.record`)."""
         events: list[GpuEvent] = []
         transitions = record_history(self.store, snapshots, self.health_policy, fence, table=self.health_table,
-                                     kill_on_gpu_failure=self.settings.kill_on_gpu_failure, gpu_events=events)
+                                     kill_on_gpu_failure=self.settings.kill_on_gpu_failure, gpu_events=events,
+                                     gpu_written=self._gpu_written)
         self.gpu_events = events
         if time.monotonic() - self._pruned_at >= PRUNE_EVERY_S:
             self._pruned_at = time.monotonic()

@@ -192,10 +192,11 @@ class FleetCollector(Collector):
             if sample is None:
                 continue
             labels = gpu_labels(snapshot, *sample)
-            for name, value in verdict.values.items():
-                family = families.get(name)
-                if family is not None:
-                    family.add_metric(labels, value)
+            for (name, _, _), value in zip(DCGM_FIELDS, verdict.values, strict=False):
+                if value is not None:
+                    families[name].add_metric(labels, value)
+            if verdict.last_xid is not None:
+                families[XID_FIELD[0]].add_metric(labels, float(verdict.last_xid))
 
     def _jobs(self) -> GaugeMetricFamily:
         counts = {state: 0 for state in JOB_STATES}

@@ -69,14 +69,14 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # gpu health (issue 22, fleetctl.telemetry.quarantine): each GPU's last verdict, its quarantine
     # (kept until cleared or recovered) and its recent Xids (the judgment's repeat window); per host,
-    # the kernel log cursor and what was last seen (bus ids, uptime); and what happened, as events.
+    # the kernel log cursor and what was last seen (bus ids, boot time); and what happened, as events.
     """
     CREATE TABLE gpu_health (
         agent TEXT NOT NULL, gpu INTEGER NOT NULL, bus_id TEXT, state TEXT NOT NULL DEFAULT 'ok', reason TEXT,
         since {real}, quarantined {real}, quarantine_reason TEXT, xids TEXT, PRIMARY KEY (agent, gpu){rowid}
     );
     CREATE TABLE gpu_hosts (
-        agent TEXT PRIMARY KEY, journal_cursor TEXT, buses TEXT, uptime_s {real}, updated {real}{rowid}
+        agent TEXT PRIMARY KEY, journal_cursor TEXT, buses TEXT, booted {real}, updated {real}{rowid}
     );
     CREATE TABLE gpu_events (
         agent TEXT NOT NULL, gpu INTEGER, ts {real} NOT NULL, event TEXT NOT NULL, detail TEXT{rowid}

@@ -18,6 +18,7 @@ adds the Xid history and keeps quarantines, :mod:`fleetctl.telemetry.quarantine`
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -26,6 +27,7 @@ from fleetctl.errors import ParseError
 from fleetctl.telemetry.gpu_health import Rule, judge
 from fleetctl.telemetry.parsers.findings import Finding, clip
 from fleetctl.telemetry.parsers.nvidia_health import (
+    BUSY_PCT,
     HEALTH_FIELDS,
     IDENTITY_FIELDS,
     REMAPPED_ROWS_FIELDS,
@@ -67,13 +69,8 @@ DCGM_FIELDS: tuple[tuple[str, str, str], ...] = (
 XID_FIELD = ("DCGM_FI_DEV_XID_ERRORS", "Value of the last XID error encountered.")
 
 
-def _values(reading: HealthReading) -> dict[str, float]:
-    found = {}
-    for name, attribute, _ in DCGM_FIELDS:
-        value = getattr(reading, attribute)
-        if value is not None:
-            found[name] = float(value)
-    return found
+def _values(reading: HealthReading) -> tuple[float | None, ...]:
+    return tuple(None if (value := getattr(reading, attribute)) is None else float(value) for _, attribute, _ in DCGM_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -98,16 +95,23 @@ def _learning_query() -> str:
 def health_script(memory: HostMemory | None) -> str:
     """The part of the heartbeat script that reads GPU health; empty where nvidia-smi is absent."""
     memory = memory or HostMemory()
-    query = _learning_query() if memory.fields is None else f"nvidia-smi --query-gpu={','.join(memory.fields)} --format=csv,nounits 2>&1"
+    return _health_script(memory.fields, memory.cursor)
+
+
+@functools.lru_cache(maxsize=1024)
+def _health_script(fields: tuple[str, ...] | None, cursor: str | None) -> str:
+    query = _learning_query() if fields is None else f"nvidia-smi --query-gpu={','.join(fields)} --format=csv,nounits 2>&1"
     remap = ""
-    if memory.fields is not None and not any(f.startswith("remapped_rows.") for f in memory.fields) and \
-            "retired_pages.pending" not in memory.fields and len(memory.fields) > len(IDENTITY_FIELDS) + 1:
+    if fields is not None and not any(f.startswith("remapped_rows.") for f in fields) and \
+            "retired_pages.pending" not in fields and len(fields) > len(IDENTITY_FIELDS) + 1:
         # R460..R535 know row remapping only through --query-remapped-rows (A100/H100 have no retired pages).
         remap = (f"printf '\\n{REMAP_MARK}\\n'; nvidia-smi --query-remapped-rows={','.join(REMAPPED_ROWS_FIELDS)} "
                  "--format=csv,nounits 2>&1; ")
-    journal = kernel_log_command(memory.cursor, JOURNAL_LINES)
-    return (f"if command -v nvidia-smi >/dev/null 2>&1; then printf '\\n{HEALTH_MARK}\\n'; {query}; {remap}"
-            f"printf '\\n{JOURNAL_MARK}\\n'; {journal}; fi")
+    journal = kernel_log_command(cursor, JOURNAL_LINES)
+    # Gathered, then printed in one write: each separate write would be an SSH packet of its own, and
+    # packets, not bytes, are what a beat costs the controller.
+    return (f"if command -v nvidia-smi >/dev/null 2>&1; then h=$({query}; {remap}"
+            f"printf '\\n{JOURNAL_MARK}\\n'; {journal}); printf '\\n{HEALTH_MARK}\\n%s\\n' \"$h\"; fi")
 
 
 def _sections(text: str) -> tuple[str, str | None, str]:
@@ -120,51 +124,92 @@ def read_health(text: str, memory: HostMemory | None, gpus: Sequence[GpuSample],
                 now: float | None = None) -> GpuHealthReport:
     """The health part's output (after its marker) -> this beat's report. Never raises on any text."""
     memory = memory or HostMemory()
-    now = time.time() if now is None else now
+    busy = tuple(g.index for g in gpus if g.index is not None and (g.utilization_gpu_pct or 0) >= BUSY_PCT)
+    indices = tuple(g.index for g in gpus if g.index is not None)
+    buses_key = tuple(memory.buses.items())
+    # The common beat: a healthy host, nothing new in its journal. The same text gives the same report,
+    # so it is built once (a copy is handed out: the store's quarantine pass replaces its lists).
+    calm = _calm_report(text, buses_key, busy, indices, memory.cursor)
+    if calm is not None:
+        return calm.model_copy()
     health_text, remap_text, journal_text = _sections(text)
-    findings: list[Finding] = []
-    fields: list[str] = []
-    driver = None
-    buses: dict[str, int] = {}
-    values: dict[int, dict[str, float]] = {}
-    try:
-        readings = list(parse_health_cached(health_text.strip("\n")))
-        header = health_text.strip("\n").split("\n", 1)[0]
-        fields = [cell.strip().partition(" [")[0] for cell in header.split(",")] if readings else []
-        if remap_text is not None:
-            readings = merge_remapped_rows(readings, list(parse_health_cached(remap_text.strip("\n"))))
-        driver = next((r.raw.get(DRIVER_FIELD) for r in readings if r.raw.get(DRIVER_FIELD)), None)
-        buses = {r.bus_id: r.index for r in readings if r.bus_id and r.index is not None}
-        values = {r.index: _values(r) for r in readings if r.index is not None}
-        utilization = {g.index: g.utilization_gpu_pct for g in gpus if g.index is not None and g.utilization_gpu_pct is not None}
-        findings += findings_of(readings, utilization)
-        findings += missing_gpus(dict(memory.buses), readings)
-        if not readings:
-            findings.append(Finding("health_unreadable", detail=clip(health_text.strip()[:200]) or "no answer"))
-    except ParseError as exc:
-        findings.append(Finding("health_unreadable", detail=clip(str(exc))))
-    scan = parse_kernel_log(journal_text, buses or dict(memory.buses), max_lines=JOURNAL_LINES)
+    parsed = _parse_readings(health_text, remap_text, buses_key, busy)
+    now = time.time() if now is None else now
+    findings = list(parsed.findings)
+    scan = parse_kernel_log(journal_text, dict(parsed.buses) or dict(memory.buses), max_lines=JOURNAL_LINES)
     findings += scan.findings
     if not scan.readable:
         findings.append(Finding("journal_unreadable", detail=scan.problem or ""))
-    indices = sorted({g.index for g in gpus if g.index is not None} | set(buses.values()))
-    verdict = judge(findings, now=now, gpus=indices, table=table)
-    bus_of = {index: bus for bus, index in {**memory.buses, **buses}.items()}
+    all_indices = sorted(set(indices) | {i for _, i in parsed.buses})
+    verdict = judge(findings, now=now, gpus=all_indices, table=table)
+    bus_of = {index: bus for bus, index in (*memory.buses.items(), *parsed.buses)}
     missing = {f.gpu for f in findings if f.kind == "gpu_missing"}
+    values = dict(parsed.values)
+    last_xid: dict[int, int] = {}
     for finding in findings:  # dcgm-exporter's XID_ERRORS: the last Xid seen, per GPU
         if finding.kind == "xid" and finding.gpu is not None and finding.code:
-            values.setdefault(finding.gpu, {})[XID_FIELD[0]] = float(finding.code)
+            last_xid[finding.gpu] = int(finding.code)
     return GpuHealthReport(
-        gpus=[GpuHealth(index=i, state=v.state, reasons=list(v.reasons), bus_id=bus_of.get(i), values=values.get(i, {}),
-                        missing=i in missing) for i, v in verdict.gpus.items()],
+        gpus=[GpuHealth(index=i, state=v.state, reasons=list(v.reasons), bus_id=bus_of.get(i), values=list(values.get(i, ())),
+                        last_xid=last_xid.get(i), missing=i in missing) for i, v in verdict.gpus.items()],
         host_reasons=list(verdict.host.reasons), findings=[HealthFinding(**asdict(f)) for f in findings],
-        fields=fields, driver_version=driver, buses=buses or dict(memory.buses),
+        fields=list(parsed.fields), driver_version=parsed.driver, buses=dict(parsed.buses) or dict(memory.buses),
         journal_cursor=scan.cursor or memory.cursor, journal_problem=scan.problem)
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    findings: tuple[Finding, ...]
+    fields: tuple[str, ...]
+    driver: str | None
+    buses: tuple[tuple[str, int], ...]
+    values: tuple[tuple[int, tuple[float | None, ...]], ...]
+
+
+@functools.lru_cache(maxsize=512)
+def _parse_readings(health_text: str, remap_text: str | None, known_buses: tuple[tuple[str, int], ...],
+                    busy: tuple[int, ...]) -> _Parsed:
+    """The health query's answer -> findings and values; remembered, as a healthy host repeats itself."""
+    findings: list[Finding] = []
+    try:
+        readings = list(parse_health_cached(health_text.strip("\n")))
+        header = health_text.strip("\n").split("\n", 1)[0]
+        fields = tuple(cell.strip().partition(" [")[0] for cell in header.split(",")) if readings else ()
+        if remap_text is not None:
+            readings = merge_remapped_rows(readings, list(parse_health_cached(remap_text.strip("\n"))))
+        findings += findings_of(readings, dict.fromkeys(busy, 100.0))
+        findings += missing_gpus(dict(known_buses), readings)
+        if not readings:
+            findings.append(Finding("health_unreadable", detail=clip(health_text.strip()[:200]) or "no answer"))
+    except ParseError as exc:
+        return _Parsed((Finding("health_unreadable", detail=clip(str(exc))),), (), None, (), ())
+    driver = next((r.raw.get(DRIVER_FIELD) for r in readings if r.raw.get(DRIVER_FIELD)), None)
+    buses = tuple((r.bus_id, r.index) for r in readings if r.bus_id and r.index is not None)
+    values = tuple((r.index, _values(r)) for r in readings if r.index is not None)
+    return _Parsed(tuple(findings), fields, driver, buses, values)
+
+
+@functools.lru_cache(maxsize=1024)
+def _calm_report(text: str, buses_key: tuple[tuple[str, int], ...], busy: tuple[int, ...], indices: tuple[int, ...],
+                 cursor: str | None) -> GpuHealthReport | None:
+    """The report of a beat with no finding and nothing new in the journal; None for any other beat."""
+    health_text, remap_text, journal_text = _sections(text)
+    parsed = _parse_readings(health_text, remap_text, buses_key, busy)
+    if journal_text.strip() or parsed.findings:
+        return None
+    bus_of = {index: bus for bus, index in parsed.buses}
+    values = dict(parsed.values)
+    return GpuHealthReport(
+        gpus=[GpuHealth(index=i, bus_id=bus_of.get(i), values=list(values.get(i, ()))) for i in sorted(set(indices) | set(bus_of))],
+        fields=list(parsed.fields), driver_version=parsed.driver, buses=dict(parsed.buses), journal_cursor=cursor)
 
 
 def remembered(report: GpuHealthReport, before: HostMemory | None) -> HostMemory:
     """What to remember of a host after a beat: a new driver (or fields not learned) means relearning."""
     before = before or HostMemory()
+    if (before.fields is not None and report.fields == list(before.fields) and report.buses == before.buses
+            and report.journal_cursor == before.cursor and report.driver_version == before.driver_version):
+        return before  # the common beat: nothing new to remember
     learned = tuple(report.fields) if len(report.fields) > len(IDENTITY_FIELDS) else None
     if before.driver_version and report.driver_version and report.driver_version != before.driver_version:
         learned = None  # a new driver may know new fields: the next beat asks its help again

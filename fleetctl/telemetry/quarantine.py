@@ -3,13 +3,16 @@
 Called by :func:`fleetctl.telemetry.history.record` inside the transaction that writes the beats.
 Per GPU (``gpu_health``) it keeps the verdict, the quarantine, and the Xids of the last hour (a rule's
 ``repeat`` counts them across beats and across controllers, so a cron heartbeat from cold still sees a
-storm); per host (``gpu_hosts``) the kernel log cursor, the bus ids and the uptime last seen.
+storm); per host (``gpu_hosts``) the kernel log cursor, the bus ids and the boot time last seen.
+A beat that finds nothing on a host whose stored state is all ok (``written``, the caller's memory of
+what it last wrote) writes nothing: the common beat costs no SQL here.
 
 * A GPU judged ``failed`` is quarantined: the event ``quarantined`` names why; placement skips it.
 * It stays quarantined, whatever later beats say, until ``fleetctl agents clear-gpu AGENT INDEX``
-  (event ``cleared``) or the recovery rule: **the host rebooted** (its uptime went down since the
-  beat that last saw it) **and the GPU's failing finding is gone** on the first beat after (event
-  ``recovered``). A reset without reboot is not trusted on its own: clear it by hand.
+  (event ``cleared``) or the recovery rule: **the host rebooted** (its boot time, the beat's time less
+  its uptime, moved on by more than :data:`REBOOT_SLACK_S`) **and the GPU's failing finding is gone**
+  on the first beat after (event ``recovered``). A reset without reboot is not trusted on its own:
+  clear it by hand.
 * A running job on a GPU that becomes quarantined gets the job event ``gpu_failed``; with
   ``[controller] kill_on_gpu_failure = true`` it is also cancelled (the runner kills it).
 """
@@ -23,12 +26,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from fleetctl.telemetry.gpu_health import Rule, judge
-from fleetctl.telemetry.health_beat import XID_FIELD
 from fleetctl.telemetry.parsers.findings import Finding
 from fleetctl.telemetry.snapshot import GpuHealth, TelemetrySnapshot
 
 XID_MEMORY_S = 3600.0  # Xids older than this are not kept for the repeat window (the longest default is 10 min)
 MAX_XIDS = 200         # per GPU: a storm is counted, not stored whole
+REBOOT_SLACK_S = 120.0  # boot time = beat time - uptime jitters by the beat's latency and clock steps
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,8 @@ def _reason_text(reason: str, index: int) -> str:
 
 
 def apply(db: Any, snapshots: Iterable[TelemetrySnapshot], table: Mapping[str, Rule] | None, *,
-          kill_on_failure: bool = False, now: float | None = None) -> list[GpuEvent]:
+          kill_on_failure: bool = False, now: float | None = None,
+          written: dict[str, tuple[object, ...]] | None = None) -> list[GpuEvent]:
     """Judge each snapshot's GPU health with the stored history, keep quarantines, write it all back;
     the snapshots' ``gpu_health`` is updated in place (it is what the agents row stores). ``db`` is
     the open transaction of :func:`fleetctl.telemetry.history.record`."""
@@ -54,11 +58,17 @@ def apply(db: Any, snapshots: Iterable[TelemetrySnapshot], table: Mapping[str, R
         if report is None or not snap.ok:
             continue
         at = snap.timestamp.timestamp() if now is None else now
+        booted = at - snap.host.uptime_s if snap.host.uptime_s is not None else None
+        signature = (report.journal_cursor, tuple(sorted(report.buses.items())), tuple(g.index for g in report.gpus))
+        calm = not report.findings and all(g.state == "ok" for g in report.gpus)
+        if calm and written is not None and written.get(snap.agent, (None,))[:1] == (signature,) and (
+                booted is None or abs(booted - float(written[snap.agent][1])) < REBOOT_SLACK_S):  # type: ignore[arg-type]
+            continue  # stored: all ok, nothing quarantined, no Xids in the window, same cursor: nothing to write
         stored = {row[0]: row for row in db.execute(
             "SELECT gpu, state, since, quarantined, quarantine_reason, xids FROM gpu_health WHERE agent = ?", (snap.agent,))}
-        host = list(db.execute("SELECT uptime_s FROM gpu_hosts WHERE agent = ?", (snap.agent,)))
-        last_uptime = host[0][0] if host else None
-        rebooted = last_uptime is not None and snap.host.uptime_s is not None and snap.host.uptime_s < last_uptime
+        host = list(db.execute("SELECT booted FROM gpu_hosts WHERE agent = ?", (snap.agent,)))
+        last_booted = host[0][0] if host else None
+        rebooted = last_booted is not None and booted is not None and booted > last_booted + REBOOT_SLACK_S
         history = [Finding("xid", gpu=gpu, code=str(code), at=float(when))
                    for gpu, row in stored.items() for code, when in json.loads(row[5] or "[]") if when >= at - XID_MEMORY_S]
         findings = [Finding(**f.model_dump()) for f in report.findings]
@@ -86,11 +96,10 @@ def apply(db: Any, snapshots: Iterable[TelemetrySnapshot], table: Mapping[str, R
             bus = seen.bus_id if seen else None
             xids = [(f.code, f.at if f.at is not None else at) for f in (*history, *findings)
                     if f.kind == "xid" and f.gpu == index and f.code][-MAX_XIDS:]
-            values = dict(seen.values) if seen else {}
-            if xids:  # dcgm-exporter's XID_ERRORS is the last Xid seen: kept across beats for the hour
-                values[XID_FIELD[0]] = float(max(xids, key=lambda x: x[1])[0])
+            # dcgm-exporter's XID_ERRORS is the last Xid seen: kept across beats for the hour
+            last_xid = int(max(xids, key=lambda x: x[1])[0]) if xids else None
             gpus.append(GpuHealth(index=index, state=state, reasons=reasons, bus_id=bus, quarantined=quarantined,
-                                  quarantine_reason=why, values=values,
+                                  quarantine_reason=why, values=seen.values if seen else [], last_xid=last_xid,
                                   missing=seen.missing if seen else False))
             rows.append((snap.agent, index, bus, state, reasons[0] if reasons else None, since, quarantined, why,
                          json.dumps(xids)))
@@ -102,10 +111,16 @@ def apply(db: Any, snapshots: Iterable[TelemetrySnapshot], table: Mapping[str, R
             "state=excluded.state, reason=excluded.reason, since=excluded.since, quarantined=excluded.quarantined, "
             "quarantine_reason=excluded.quarantine_reason, xids=excluded.xids", rows)
         db.execute(
-            "INSERT INTO gpu_hosts (agent, journal_cursor, buses, uptime_s, updated) VALUES (?,?,?,?,?) "
+            "INSERT INTO gpu_hosts (agent, journal_cursor, buses, booted, updated) VALUES (?,?,?,?,?) "
             "ON CONFLICT (agent) DO UPDATE SET journal_cursor=COALESCE(excluded.journal_cursor, gpu_hosts.journal_cursor), "
-            "buses=excluded.buses, uptime_s=excluded.uptime_s, updated=excluded.updated",
-            (snap.agent, report.journal_cursor, json.dumps(report.buses), snap.host.uptime_s, at))
+            "buses=excluded.buses, booted=excluded.booted, updated=excluded.updated",
+            (snap.agent, report.journal_cursor, json.dumps(report.buses), booted, at))
+        if written is not None:
+            settled = all(r[3] == "ok" and r[6] is None and r[8] == "[]" for r in rows) and booted is not None
+            if settled and calm:
+                written[snap.agent] = (signature, booted)
+            else:
+                written.pop(snap.agent, None)
     if events:
         db.executemany("INSERT INTO gpu_events (agent, gpu, ts, event, detail) VALUES (?,?,?,?,?)",
                        [(e.agent, e.gpu, time.time(), e.event, e.detail) for e in events if e.event != "gpu_failed"])

@@ -66,8 +66,10 @@ class GpuHealth(BaseModel):
     bus_id: Optional[str] = None
     quarantined: Optional[float] = None
     quarantine_reason: Optional[str] = None
-    # dcgm-exporter's field name -> value, as this beat read it (fleetctl.telemetry.health_beat.DCGM_FIELDS)
-    values: dict[str, float] = Field(default_factory=dict)
+    # The health fields as this beat read them, in the order of fleetctl.telemetry.health_beat.DCGM_FIELDS
+    # (a list, not a dict: written with every beat, it stays small); None where the driver does not say.
+    values: list[Optional[float]] = Field(default_factory=list)
+    last_xid: Optional[int] = None  # the last Xid seen within the hour (dcgm-exporter's XID_ERRORS)
     missing: bool = False  # listed before, not answering now
 
     @property
@@ -93,9 +95,11 @@ class GpuHealthReport(BaseModel):
     gpus: list[GpuHealth] = Field(default_factory=list)
     host_reasons: list[str] = Field(default_factory=list)  # host-level: unreadable health, an Xid on an unknown bus
     findings: list[HealthFinding] = Field(default_factory=list)
-    fields: list[str] = Field(default_factory=list)  # the --query-gpu fields this host's driver answered
+    # What the controller remembers of the host (fleetctl.telemetry.health_beat.HostMemory); not written with
+    # the snapshot (the store keeps the bus ids in gpu_hosts).
+    fields: list[str] = Field(default_factory=list, exclude=True)  # the --query-gpu fields the driver answered
     driver_version: Optional[str] = None
-    buses: dict[str, int] = Field(default_factory=dict)  # bus id -> GPU index, for a vanished GPU next beat
+    buses: dict[str, int] = Field(default_factory=dict, exclude=True)  # bus id -> GPU index, for a vanished GPU
     journal_cursor: Optional[str] = None  # where the next kernel log read starts (None: keep the last one)
     journal_problem: Optional[str] = None  # one line: why the kernel log is not readable
 
