@@ -127,6 +127,9 @@ def test_a_single_xid_13_quarantines_nothing_and_clear_gpu_returns_a_gpu(sick: S
     assert "sick GPU 1 quarantined: Xid 79" in (fleet.job(job.id).record.reason or "")
     fleet.hosts.heartbeat()  # nothing new in the journal: still quarantined
     assert json.loads(_cli(fleet, "agents", "show", "sick", "--json"))["gpu_health"][1]["state"] == "failed"
+    top = _cli(fleet, "top", "--once")  # a fresh process: the quarantine is the store's, not a memory
+    assert "GPU HEALTH" in top and "failed: Xid 79 (fallen off the bus)" in top and "1 GPU failed" in top, top
+    assert "1 failed, 1 ok" in _cli(fleet, "agents", "list")
 
     assert "sick GPU 1 returned to service" in _cli(fleet, "agents", "clear-gpu", "sick", "1")
     assert json.loads(_cli(fleet, "agents", "show", "sick", "--json"))["gpu_health"][1]["state"] == "ok"
@@ -145,6 +148,9 @@ def test_an_unreadable_kernel_log_is_said_so(sick: Sandbox, fleet: Fleet) -> Non
     fleet.hosts.heartbeat()
     shown = _cli(fleet, "agents", "show", "sick")
     assert "kernel log:" in shown and "systemd-journal" in shown
+    doctor = run_cli("doctor", "sick", "--config", str(fleet.inventory.path), "--state-dir", str(fleet.hosts.state_dir))
+    line = next(line for line in doctor.stdout.splitlines() if "kernel log" in line)
+    assert line.startswith("FAIL") and "systemd-journal" in line, doctor.stdout
 
 
 def test_the_journal_is_read_from_the_stored_cursor_by_a_cold_controller(sick: Sandbox, fleet: Fleet, tmp_path: Path) -> None:

@@ -105,3 +105,13 @@ def test_a_calm_beat_writes_nothing(store: Store) -> None:
     assert list(store.query("SELECT gpu FROM gpu_health")) == []
     states(store, T0 + 10, Finding("remap_failure", gpu=0), written=written)
     assert "a" not in written and sorted(r[0] for r in store.query("SELECT gpu FROM gpu_health")) == [0, 1]
+
+
+def test_kill_on_gpu_failure_cancels_the_job(store: Store) -> None:
+    with store.transaction() as db:
+        db.execute("INSERT INTO jobs (id, state, spec, agent, gpus, submitted) VALUES (?,?,?,?,?,?)",
+                   ("j1", "running", "{}", "a", json.dumps(["1"]), T0))
+    record(store, [beat(T0, Finding("remap_failure", gpu=1))], HealthPolicy(), kill_on_gpu_failure=True)
+    assert [tuple(r) for r in store.query("SELECT cancel_requested FROM jobs WHERE id = 'j1'")] == [(1,)]
+    detail = [r[0] for r in store.query("SELECT detail FROM job_events WHERE job_id = 'j1'")]
+    assert detail == ["GPU 1 on a failed: row remap failed: no spare rows; cancelling (kill_on_gpu_failure)"]
