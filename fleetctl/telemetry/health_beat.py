@@ -18,6 +18,7 @@ adds the Xid history and keeps quarantines, :mod:`fleetctl.telemetry.quarantine`
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from collections.abc import Mapping, Sequence
@@ -35,6 +36,7 @@ from fleetctl.telemetry.parsers.nvidia_health import (
     findings_of,
     merge_remapped_rows,
     missing_gpus,
+    needs_remapped_rows_query,
     parse_health_cached,
 )
 from fleetctl.telemetry.parsers.xid import kernel_log_command, parse_kernel_log
@@ -102,9 +104,9 @@ def health_script(memory: HostMemory | None) -> str:
 def _health_script(fields: tuple[str, ...] | None, cursor: str | None) -> str:
     query = _learning_query() if fields is None else f"nvidia-smi --query-gpu={','.join(fields)} --format=csv,nounits 2>&1"
     remap = ""
-    if fields is not None and not any(f.startswith("remapped_rows.") for f in fields) and \
-            "retired_pages.pending" not in fields and len(fields) > len(IDENTITY_FIELDS) + 1:
-        # R460..R535 know row remapping only through --query-remapped-rows (A100/H100 have no retired pages).
+    if fields is not None and len(fields) > len(IDENTITY_FIELDS) + 1 and needs_remapped_rows_query(fields):
+        # R460..R535 know row remapping only through --query-remapped-rows; a driver older still refuses
+        # it, and that refusal costs only the remap fields (see _parse_readings).
         remap = (f"printf '\\n{REMAP_MARK}\\n'; nvidia-smi --query-remapped-rows={','.join(REMAPPED_ROWS_FIELDS)} "
                  "--format=csv,nounits 2>&1; ")
     journal = kernel_log_command(cursor, JOURNAL_LINES)
@@ -176,7 +178,9 @@ def _parse_readings(health_text: str, remap_text: str | None, known_buses: tuple
         header = health_text.strip("\n").split("\n", 1)[0]
         fields = tuple(cell.strip().partition(" [")[0] for cell in header.split(",")) if readings else ()
         if remap_text is not None:
-            readings = merge_remapped_rows(readings, list(parse_health_cached(remap_text.strip("\n"))))
+            # A driver before R460 has no --query-remapped-rows: the other fields still count.
+            with contextlib.suppress(ParseError):
+                readings = merge_remapped_rows(readings, list(parse_health_cached(remap_text.strip("\n"))))
         findings += findings_of(readings, dict.fromkeys(busy, 100.0))
         findings += missing_gpus(dict(known_buses), readings)
         if not readings:

@@ -161,3 +161,14 @@ def test_the_journal_is_read_from_the_stored_cursor_by_a_cold_controller(sick: S
     with Fleet.from_config(sick.inventory_path, state_dir=fleet.hosts.state_dir) as cold:
         snap = cold.hosts.heartbeat(record=False).snapshots[0]
     assert snap.gpu_health is not None and not [f for f in snap.gpu_health.findings if f.kind == "xid"]
+
+
+def test_an_old_driver_is_asked_its_own_fields_and_remapped_rows_apart(sick: Sandbox, fleet: Fleet, tmp_path: Path) -> None:
+    _break(sick, old_driver=True, faults={"1": ["remap_pending", "hw_slowdown"]})
+    with Fleet.from_config(sick.inventory_path, state_dir=tmp_path / "old") as old:
+        first = old.hosts.heartbeat().snapshots[0]  # learns the fields from the help in this very beat
+        assert first.gpu_health is not None and "clocks_throttle_reasons.hw_slowdown" in first.gpu_health.fields
+        second = old.hosts.heartbeat().snapshots[0]  # asks just those, and --query-remapped-rows beside them
+    assert second.gpu_health is not None and second.gpu_health.gpus[1].state == "failed"
+    reasons = " ".join(second.gpu_health.gpus[1].reasons)
+    assert "row remap pending" in reasons and "hardware slowdown" in reasons
