@@ -21,6 +21,7 @@ from fleetctl.sandbox import sshd
 from fleetctl.sandbox.sandbox import _free_port
 from fleetctl.ssh.known_hosts import fingerprint
 from fleetctl.telemetry.gpu_tools import DEFAULT_QUERIES
+from fleetctl.telemetry.parsers.nvidia_health import health_query_fields, parse_help_query_gpu
 
 MAX_PORTS_PER_SSHD = 16
 
@@ -87,13 +88,26 @@ class BenchFleet:
         spec.write_text(f'{{"vendor": "nvidia", "count": {self.gpus}, "model": "NVIDIA H100 80GB HBM3", '
                         '"memory_total_mib": 81559, "mode": "ok", "seed": 7}')
         simulator = Path(sshd.__file__).with_name("gpusim.py")
-        query = DEFAULT_QUERIES["nvidia-smi"].split()[1:]
-        capture = subprocess.run([sys.executable, str(simulator), "nvidia-smi", *query], check=True, text=True,
-                                 capture_output=True, env={**os.environ, "FLEETCTL_GPUSIM_SPEC": str(spec)}).stdout
-        (self.directory / "nvidia-smi.out").write_text(capture)
+
+        def capture(*args: str) -> str:
+            return subprocess.run([sys.executable, str(simulator), "nvidia-smi", *args], check=True, text=True,
+                                  capture_output=True, env={**os.environ, "FLEETCTL_GPUSIM_SPEC": str(spec)}).stdout
+
+        (self.directory / "nvidia-smi.out").write_text(capture(*DEFAULT_QUERIES["nvidia-smi"].split()[1:]))
+        # GPU health (issue 22): the help, and the health query with the fields a host learns from it.
+        help_text = capture("--help-query-gpu")
+        (self.directory / "help.out").write_text(help_text)
+        fields = [*health_query_fields(parse_help_query_gpu(help_text)), "driver_version"]
+        (self.directory / "health.out").write_text(capture(f"--query-gpu={','.join(fields)}", "--format=csv,nounits"))
         wrapper = bin_dir / "nvidia-smi"
-        wrapper.write_text(f"#!/bin/sh\nexec cat {self.directory / 'nvidia-smi.out'}\n")
+        wrapper.write_text(f'#!/bin/sh\ncase "$*" in\n  *--help-query-gpu*) exec cat {self.directory / "help.out"};;\n'
+                           f'  *pci.bus_id*) exec cat {self.directory / "health.out"};;\n'
+                           f'  *) exec cat {self.directory / "nvidia-smi.out"};;\nesac\n')
         wrapper.chmod(0o755)
+        # A kernel journal with nothing new after the first read: what a healthy host's beats see.
+        journal = bin_dir / "journalctl"
+        journal.write_text('#!/bin/sh\ncase "$*" in *--after-cursor*) ;; *) echo "-- cursor: s=bench;i=1";; esac\n')
+        journal.chmod(0o755)
         return bin_dir
 
     def up(self) -> BenchFleet:

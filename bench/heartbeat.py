@@ -29,8 +29,9 @@ round) and its memory are its own. Per client:
 
 - first round: opening every connection (all handshakes) plus one heartbeat each;
 - steady rounds: wall time per round and controller CPU per heartbeat (CPU delta / heartbeats).
-  fleetctl is measured twice in the same process, its rounds interleaved: ``Fleet.heartbeat()``
-  (SQLite history + health, what ``serve`` does) and ``Fleet.heartbeat(record=False)`` (no store);
+  fleetctl is measured three times in the same process, its rounds interleaved: ``Fleet.heartbeat()``
+  (SQLite history + health, what ``serve`` does), ``Fleet.heartbeat(record=False)`` (no store), and
+  ``Fleet.heartbeat()`` with GPU health switched off (``gpu_health_checks``): the cost of GPU health;
   the peers parse and keep nothing;
 - idle CPU over ``--idle`` seconds with every connection open;
 - RSS after the rounds and peak RSS.
@@ -78,11 +79,12 @@ def _raise_nofile() -> None:
 
 
 def _check(client: str, snapshots: list[TelemetrySnapshot], count: int, gpus: int) -> None:
-    bad = [s for s in snapshots if not s.ok or len(s.gpus) != gpus]
+    bad = [s for s in snapshots if not s.ok or len(s.gpus) != gpus
+           or (s.gpu_health is not None and any(g.state != "ok" for g in s.gpu_health.gpus))]
     if len(snapshots) != count or bad:
         first = bad[0] if bad else None
         raise SystemExit(f"{client}: {len(snapshots)} snapshots, {len(bad)} bad"
-                         + (f"; {first.agent}: {first.status} {first.error}" if first else ""))
+                         + (f"; {first.agent}: {first.status} {first.error} {first.gpu_health}" if first else ""))
 
 
 def client_cpu_seconds() -> float:
@@ -132,8 +134,17 @@ def run_fleetctl(bench: BenchFleet, parallel: int, rounds: int, idle_s: float, n
     fleet = Fleet(inventory, state_dir=bench.directory / f"state-{name}", max_parallel_ssh=parallel)
     try:
         # The first round (handshakes) records too: it creates the store, as `serve`'s first round does.
+        def without_health() -> list[TelemetrySnapshot]:
+            # The switch ([controller] gpu_health_checks = false): the beat as it was before GPU health.
+            fleet.hosts.gpu_health_checks = False
+            try:
+                return fleet.heartbeat().snapshots
+            finally:
+                fleet.hosts.gpu_health_checks = True
+
         phases: dict[str, Round] = {"store": lambda: fleet.heartbeat().snapshots,
-                                    "no_store": lambda: fleet.heartbeat(record=False).snapshots}
+                                    "no_store": lambda: fleet.heartbeat(record=False).snapshots,
+                                    "store_no_health": without_health}
         # Which path ran: "fleetctl" falls back to stock on a paramiko the fast path was not tested on.
         return {**measure(name, phases, time.sleep, rounds, idle_s, bench.count, bench.gpus), "fast_path": fastpath.enabled()}
     finally:
@@ -205,6 +216,12 @@ def print_table(count: int, results: dict[str, dict[str, Any]], base: dict[str, 
     base_round = count / base["beats_per_s"] if base else None
     row("CPU per heartbeat, store (ms)", pick("store", "cpu_ms"), "14.3f", base["cpu_ms"] if base else None)
     row("CPU per heartbeat, no store (ms)", pick("no_store", "cpu_ms"), "14.3f", base["cpu_ms"] if base else None)
+    if any("store_no_health" in r for r in results.values()):
+        row("CPU per beat, store, no GPU health", pick("store_no_health", "cpu_ms"), "14.3f", ratios=False)
+        for client, r in results.items():
+            if "store_no_health" in r:
+                extra = r["store"]["cpu_ms"] / r["store_no_health"]["cpu_ms"] - 1
+                print(f"{client}: GPU health costs {extra * 100:+.1f}% controller CPU per beat (store, same run)")
     row("round time, store (s)", pick("store", "round_s"), "14.2f", base_round)
     row("round time, no store (s)", pick("no_store", "round_s"), "14.2f", base_round)
     row(f"first round, {count} handshakes (s)", pick(None, "first_round_s"), "14.2f")

@@ -75,6 +75,12 @@ class ControllerSettings(BaseModel):
     # or copies (reflinks where the filesystem has them). auto: links unless the job runs as root, whom
     # read-only modes do not stop, so an edit in place could reach the cache and other jobs.
     code_tree: Literal["auto", "link", "copy"] = "auto"
+    # GPU health (issue 22, docs/gpu-health.md): read in every heartbeat (false: the beat as before, for
+    # hosts whose tools misbehave, or to measure); overrides of the judgment table, e.g.
+    # {"xid:45" = "ok"}; and whether a running job on a GPU that fails is cancelled, not just told.
+    gpu_health_checks: bool = True
+    gpu_health: dict[str, Any] = Field(default_factory=dict)
+    kill_on_gpu_failure: bool = False
 
 
 class HostTimeouts(BaseModel):

@@ -23,6 +23,7 @@ from fleetctl.settings import default_of
 from fleetctl.ssh.addresses import read_worker_file
 from fleetctl.telemetry.health import Health
 from fleetctl.telemetry.history import AgentStatus, agent_statuses
+from fleetctl.telemetry.quarantine import clear as clear_quarantine
 
 
 def _via(agent: Agent) -> str:
@@ -117,10 +118,26 @@ def _route_summary(fleet: Fleet, agent: Agent) -> str:
 
 def _status_json(status: AgentStatus | None) -> dict[str, Any]:
     health = status.health if status else Health()
+    snapshot = status.snapshot if status else None
+    report = snapshot.gpu_health if snapshot is not None and snapshot.ok else None
     return {"health": health.state, "health_since": utc(health.since), "misses": health.misses,
             "last_heartbeat": utc(health.last_seen), "last_ok": utc(health.last_ok),
             "draining": bool(status and status.draining),
-            "status": status.snapshot.status if status and status.snapshot else None}
+            "status": snapshot.status if snapshot else None,
+            "gpu_health": [{"index": g.index, "state": g.state, "reasons": g.reasons, "quarantined": utc(g.quarantined),
+                            "quarantine_reason": g.quarantine_reason} for g in report.gpus] if report else None,
+            "kernel_log": report.journal_problem if report and report.journal_problem else ("readable" if report else None)}
+
+
+def gpu_health_summary(status: AgentStatus | None) -> str:
+    """``4 ok``, ``1 failed, 3 ok``; ``unknown`` when the last beat could not tell (never shown as healthy)."""
+    snapshot = status.snapshot if status else None
+    if snapshot is None or not snapshot.ok or snapshot.gpu_health is None or not snapshot.gpu_health.gpus:
+        return "unknown" if snapshot is not None and snapshot.gpus else ""
+    counts: dict[str, int] = {}
+    for gpu in snapshot.gpu_health.gpus:
+        counts[gpu.state] = counts.get(gpu.state, 0) + 1
+    return ", ".join(f"{counts[s]} {s}" for s in ("failed", "unknown", "degraded", "ok") if s in counts)
 
 
 @agents_group.command("list")
@@ -145,10 +162,11 @@ def list_agents(as_json: bool) -> None:
         since = f" {_age(health.since)}" if health.since else ""
         rows.append((agent.name, route, health.state + since,
                      f"{_age(health.last_seen)} ago" if health.last_seen else "never",
-                     "draining" if status and status.draining else "", _tool(agent), labels_text(agent.labels),
-                     "yes" if agent.host_key_fingerprint else "no"))
+                     "draining" if status and status.draining else "", gpu_health_summary(status), _tool(agent),
+                     labels_text(agent.labels), "yes" if agent.host_key_fingerprint else "no"))
     columns = [Column("NAME", flex=2, min_width=8), Column("ROUTE", priority=60, flex=1, min_width=16), Column("HEALTH"),
-               Column("LAST BEAT", priority=50), Column("DRAIN", hide_empty=True), Column("GPU TOOL", priority=20),
+               Column("LAST BEAT", priority=50), Column("DRAIN", hide_empty=True),
+               Column("GPUS", priority=55, hide_empty=True), Column("GPU TOOL", priority=20),
                Column("LABELS", priority=30, flex=3, min_width=8), Column("PINNED", priority=10)]
     out.print(list_table(columns, rows))
     if not agents:
@@ -182,11 +200,46 @@ def show_agent(name: str, as_json: bool) -> None:
     last = f"{_age(status.health.last_seen)} ago" if status and status.health.last_seen else "never"
     out.print(visible(f"health: {health['health']}{since}; last heartbeat {last}"
                       f"{'; draining' if health['draining'] else ''}"))
+    _print_gpu_health(status)
     if isinstance(route, str):
         out.print(visible(f"route: cannot resolve: {route}"))
         return
     for index, hop in enumerate(route, start=1):
         _print_hop(index, hop)
+
+
+def _print_gpu_health(status: AgentStatus | None) -> None:
+    summary = gpu_health_summary(status)
+    if not summary:
+        return
+    out.print(visible(f"gpu health: {summary}"))
+    snapshot = status.snapshot if status else None
+    report = snapshot.gpu_health if snapshot is not None and snapshot.ok else None
+    for gpu in report.gpus if report else []:
+        if gpu.state == "ok" and gpu.quarantined is None:
+            continue
+        held = f" (quarantined {_age(gpu.quarantined)} ago; `fleetctl agents clear-gpu` returns it)" if gpu.quarantined else ""
+        out.print(visible(f"  GPU {gpu.index} {gpu.state}{held}: {'; '.join(r.split(': ', 1)[-1] for r in gpu.reasons) or '-'}"))
+    if report and report.journal_problem:
+        out.print(visible(f"  kernel log: {one_line(report.journal_problem, limit=300)}"))
+
+
+@agents_group.command("clear-gpu")
+@click.argument("name")
+@click.argument("index", type=click.IntRange(0, 1023))
+@common_options
+def clear_gpu(name: str, index: int) -> None:
+    """Return a quarantined GPU to service (recorded as a GPU event). A GPU still failing is
+    quarantined again by the next heartbeat."""
+    s = settings()
+    with Fleet(load_config(s.config_path), state_dir=s.state_path) as fleet:
+        fleet.inventory.get(name)
+        with fleet.hosts.store.transaction() as db:
+            was = clear_quarantine(db, name, index)
+    if was is None:
+        err.print(visible(f"fleetctl: {name} GPU {index} is not quarantined"))
+        raise click.exceptions.Exit(1)
+    out.print(visible(f"{name} GPU {index} returned to service (was quarantined: {was})"))
 
 
 def _print_hop(index: int, hop: HopView) -> None:

@@ -268,8 +268,9 @@ def top_table(data: TopData) -> FitTable:
     util = Column("UTIL%", priority=50, justify="right", narrow_header="UTIL")
     temp = Column("TEMP°C", priority=40, justify="right", narrow_header="TEMP")
     power = Column("POWER", priority=30, justify="right", narrow_header="W")
+    gpu_health = Column("GPU HEALTH", priority=45, flex=2, min_width=10, hide_empty=True)  # shown only when a GPU is not ok
     error = Column("ERROR", flex=3, min_width=20, hide_empty=True)
-    columns = [host, status, health, index, name, memory, util, temp, power, error]
+    columns = [host, status, health, index, name, memory, util, temp, power, gpu_health, error]
     for snap in top_order(data):
         state = data.health.get(snap.agent, "unknown")
         draining = snap.agent in data.draining
@@ -280,6 +281,7 @@ def top_table(data: TopData) -> FitTable:
             health.add(cell(state + (", draining" if draining else ""),
                             "red" if state == "offline" else "yellow" if draining or state != "online" else ""))
             error.add(cell(snap.error if gpu is None else "", "red"))
+            gpu_health.add(_gpu_health_cell(snap, gpu))
             if gpu is None:
                 for column in (index, name, util, temp):
                     column.add(cell(""))
@@ -294,6 +296,21 @@ def top_table(data: TopData) -> FitTable:
             temp.add(cell(_num(gpu.temperature_c)))
             power.add(cell(power_text(gpu)), cell(power_text(gpu, unit=False)))
     return FitTable(columns)
+
+
+def _gpu_health_cell(snap: TelemetrySnapshot, gpu: GpuSample | None) -> Text:
+    """Empty for a healthy GPU; else its verdict and why (``failed: Xid 79 (fallen off the bus) at 09:14``)."""
+    if gpu is None or gpu.index is None or snap.gpu_health is None or not snap.ok:
+        return cell("")
+    verdict = snap.gpu_health.of(gpu.index)
+    if verdict is None or (verdict.state == "ok" and verdict.quarantined is None):
+        return cell("")
+    why = verdict.reason.split(": ", 1)[-1]
+    return cell(f"{verdict.state}: {why}" if why else verdict.state, "red" if verdict.state == "failed" else "yellow")
+
+
+def _failed_gpus(round_: HeartbeatRound) -> int:
+    return sum(1 for snap in round_ if snap.ok and snap.gpu_health for g in snap.gpu_health.gpus if g.state == "failed")
 
 
 def _ago(seconds: float) -> str:
@@ -321,6 +338,9 @@ def top_header(data: TopData | None, now: datetime) -> Text:
         line.append(f"  {failed} failed", style="red")
     if offline:
         line.append(f"  {offline} offline", style="red")
+    failed_gpus = _failed_gpus(round_)
+    if failed_gpus:
+        line.append(f"  {failed_gpus} GPU{'s' if failed_gpus > 1 else ''} failed", style="red")
     line.append(f"  updated {_ago((now - data.finished).total_seconds())}"
                 f" (round took {round_.duration_s * 1000:.0f} ms)")
     return line

@@ -31,12 +31,15 @@ from fleetctl.ssh.seam import Connector as TransportConnector
 from fleetctl.store import Store, open_store
 from fleetctl.store.leases import Fence
 from fleetctl.telemetry.frames import to_dataframe
+from fleetctl.telemetry.gpu_health import table_with
 from fleetctl.telemetry.health import Health, HealthPolicy
+from fleetctl.telemetry.health_beat import HostMemory, health_script, remembered
 from fleetctl.telemetry.heartbeat import MAX_STDERR as HEARTBEAT_MAX_STDERR
 from fleetctl.telemetry.heartbeat import MAX_STDOUT as HEARTBEAT_MAX_STDOUT
 from fleetctl.telemetry.heartbeat import crashed_snapshot, failed_snapshot, heartbeat_command, snapshot_from_result
 from fleetctl.telemetry.history import Transition, agent_statuses, history, prune, set_draining
 from fleetctl.telemetry.history import record as record_history
+from fleetctl.telemetry.quarantine import GpuEvent, load_memory
 from fleetctl.telemetry.snapshot import TelemetrySnapshot
 
 if TYPE_CHECKING:
@@ -100,6 +103,13 @@ class Hosts:
         self.state_dir = Path(resolve_state_dir(state_dir))
         self.max_parallel_ssh = self.settings.max_parallel_ssh
         self.health_policy = HealthPolicy(self.settings.offline_after_misses, self.settings.offline_grace_s)
+        # The GPU health judgment with the [controller] gpu_health overrides; a bad one fails here, at load.
+        self.health_table = table_with(self.settings.gpu_health)
+        self.gpu_health_checks = self.settings.gpu_health_checks
+        # Per host: the health fields its driver answers, its bus ids, its journal cursor (health_beat.HostMemory).
+        self._gpu_memory: dict[str, HostMemory] = {}
+        self._gpu_written: dict[str, tuple[object, ...]] = {}  # hosts whose stored GPU health is all ok (quarantine.apply)
+        self.gpu_events: list[GpuEvent] = []  # what the last record() did to GPUs (quarantined, recovered, ...)
         self._store: Store | None = None
         self._pruned_at = -PRUNE_EVERY_S
         self.connect_options = ConnectOptions(host_keys=HostKeyPolicy(KnownHosts.default(self.state_dir),
@@ -173,7 +183,8 @@ class Hosts:
         reopened once. Never raises: whatever goes wrong is this host's failed snapshot."""
         lock = self._locks.setdefault(agent.name, threading.Lock())
         with lock:
-            command = heartbeat_command(agent)
+            memory = self._memory_of(agent.name) if self.gpu_health_checks else None
+            command = heartbeat_command(agent, health_script(memory) if memory is not None else "")
             for attempt in (1, 2):
                 started = time.monotonic()
                 result = None
@@ -181,7 +192,11 @@ class Hosts:
                     result = self.connection(agent).run_kept(command, timeout=agent.command_timeout_s,
                                                              max_stdout=HEARTBEAT_MAX_STDOUT,
                                                              max_stderr=HEARTBEAT_MAX_STDERR)
-                    return snapshot_from_result(agent, result, (time.monotonic() - started) * 1000)
+                    snap = snapshot_from_result(agent, result, (time.monotonic() - started) * 1000,
+                                                memory=memory, table=self.health_table)
+                    if snap.gpu_health is not None:
+                        self._gpu_memory[agent.name] = remembered(snap.gpu_health, memory)
+                    return snap
                 except ConnectionLost as exc:
                     self.drop(agent.name)
                     if attempt == 2:
@@ -194,6 +209,18 @@ class Hosts:
                         self.drop(agent.name)
                     return crashed_snapshot(agent, exc, started, ran=result is not None)
             raise AssertionError("unreachable")
+
+    def _memory_of(self, name: str) -> HostMemory:
+        """What is remembered of a host's GPU health; from cold, its cursor and bus ids from the store."""
+        memory = self._gpu_memory.get(name)
+        if memory is None:
+            try:
+                with self.store.transaction() as db:
+                    cursor, buses = load_memory(db, name)
+            except FleetError:
+                cursor, buses = None, {}
+            memory = self._gpu_memory.setdefault(name, HostMemory(buses=buses, cursor=cursor))
+        return memory
 
     def heartbeat(self, agents: list[str] | None = None, *, record: bool = True,
                   on_done: Callable[[TelemetrySnapshot], None] | None = None,
@@ -268,7 +295,11 @@ class Hosts:
     def record(self, snapshots: list[TelemetrySnapshot], fence: Fence | None = None) -> list[Transition]:
         """Write snapshots to history and advance health; prunes old history now and then. With a
         ``fence``, only agents whose lease it holds are written (:func:`fleetctl.telemetry.history.record`)."""
-        transitions = record_history(self.store, snapshots, self.health_policy, fence)
+        events: list[GpuEvent] = []
+        transitions = record_history(self.store, snapshots, self.health_policy, fence, table=self.health_table,
+                                     kill_on_gpu_failure=self.settings.kill_on_gpu_failure, gpu_events=events,
+                                     gpu_written=self._gpu_written)
+        self.gpu_events = events
         if time.monotonic() - self._pruned_at >= PRUNE_EVERY_S:
             self._pruned_at = time.monotonic()
             prune(self.store, self.settings.retention_days)

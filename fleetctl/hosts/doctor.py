@@ -19,6 +19,8 @@ from fleetctl.inventory.config import Agent
 from fleetctl.ssh.seam import Connection, Route
 from fleetctl.telemetry.gpu_tools import TOOLS
 from fleetctl.telemetry.outcomes import status_of
+from fleetctl.telemetry.parsers.xid import GRANTING_GROUPS
+from fleetctl.telemetry.snapshot import TelemetrySnapshot
 
 _PROBE = ("for t in " + " ".join(TOOLS) + '; do command -v "$t" >/dev/null 2>&1 && echo "tool $t"; done; '
           'if command -v nvidia-smi >/dev/null 2>&1; then nvidia-smi --query-gpu=index,mig.mode.current '
@@ -92,6 +94,7 @@ def _target_checks(fleet: Hosts, agent: Agent, conn: Connection) -> list[Check]:
     detail = f"{len(snapshot.gpus)} GPU(s) answered" if driver_ok else f"{snapshot.status}: {snapshot.error or ''}"
     checks.append(Check(name, "driver", driver_ok, one_line(detail),
                         None if driver_ok else "run the gpu_query_cmd on the host by hand to see why"))
+    checks += _health_checks(name, snapshot)
     mig = [line.split(" ", 1)[1] for line in probe.stdout.splitlines() if line.startswith("mig ")]
     if mig:
         checks.append(Check(name, "mig mode", True, "; ".join(f"GPU {one_line(m)}" for m in mig)))
@@ -111,6 +114,25 @@ def _target_checks(fleet: Hosts, agent: Agent, conn: Connection) -> list[Check]:
     finally:
         with contextlib.suppress(FleetError):  # best effort: mktemp's directory under /tmp
             conn.run(f"rm -rf -- {shlex.quote(temp)}", timeout=agent.command_timeout_s)
+    return checks
+
+
+def _health_checks(name: str, snapshot: TelemetrySnapshot) -> list[Check]:
+    """GPU health as the heartbeat read it, and whether the kernel log (Xids) is readable without root."""
+    report = snapshot.gpu_health
+    if report is None or not snapshot.ok:
+        return []
+    states = [g.state for g in report.gpus]
+    summary = ", ".join(f"{states.count(s)} {s}" for s in ("failed", "unknown", "degraded", "ok") if s in states)
+    bad = [r for g in report.gpus if g.state != "ok" for r in g.reasons[:1]]
+    checks = [Check(name, "gpu health", not any(s in ("failed", "unknown") for s in states),
+                    one_line(summary + (f": {'; '.join(bad)}" if bad else "")),
+                    None if not bad else "see `fleetctl agents show`; `fleetctl agents clear-gpu` once fixed")]
+    if report.journal_problem:
+        checks.append(Check(name, "kernel log", False, one_line(report.journal_problem),
+                            f"add the SSH user to group {' or '.join(GRANTING_GROUPS)} (usermod -aG systemd-journal USER)"))
+    else:
+        checks.append(Check(name, "kernel log", True, "readable: Xids are read from the journal"))
     return checks
 
 

@@ -47,14 +47,28 @@ def is_foreign_busy(gpu: GpuSample) -> bool:
             (gpu.utilization_gpu_pct or 0) > FOREIGN_UTILIZATION_PCT)
 
 
+def quarantined(snapshot: TelemetrySnapshot) -> dict[int, str]:
+    """GPU index -> why it is quarantined (fleetctl.telemetry.quarantine): no job is placed on it."""
+    if snapshot.gpu_health is None:
+        return {}
+    return {g.index: g.quarantine_reason or g.reason for g in snapshot.gpu_health.gpus
+            if g.quarantined is not None or g.state == "failed"}
+
+
+def _gpu_count(snapshot: TelemetrySnapshot) -> int:
+    """GPUs the host has, counting one that vanished (quarantined, it may come back after a reset)."""
+    return max(len(snapshot.gpus), len(snapshot.gpu_health.gpus) if snapshot.gpu_health else 0)
+
+
 def free_gpus(spec: JobSpec, candidate: Candidate) -> list[GpuSample]:
     snapshot = candidate.snapshot
     if snapshot is None or not snapshot.ok:
         return []
+    out = quarantined(snapshot)
     free = []
     for index, gpu in enumerate(snapshot.gpus):
         number = gpu.index if gpu.index is not None else index
-        if number in candidate.held_gpus:
+        if number in candidate.held_gpus or number in out:
             continue
         if not spec.allow_busy_gpus and is_foreign_busy(gpu):
             continue
@@ -80,12 +94,18 @@ def rejection(spec: JobSpec, candidate: Candidate) -> str | None:
         return f"{name}'s last heartbeat failed ({snapshot.status})"
     if len(free) >= spec.gpus:
         return None
-    return f"{name} has {len(free)} free of {len(snapshot.gpus)}" + _why_not_free(spec, candidate, snapshot)
+    out = quarantined(snapshot)
+    # e.g. "gpu-3 GPU 2 quarantined: Xid 79 (fallen off the bus) at 09:14": what to look at, or clear-gpu.
+    named = "".join(f"; {name} GPU {i} quarantined: {why}" for i, why in sorted(out.items()))
+    return f"{name} has {len(free)} free of {_gpu_count(snapshot)}" + _why_not_free(spec, candidate, snapshot) + named
 
 
 def _why_not_free(spec: JobSpec, candidate: Candidate, snapshot: TelemetrySnapshot) -> str:
     held = busy = short = 0
+    out = quarantined(snapshot)
     for index, gpu in enumerate(snapshot.gpus):
+        if (gpu.index if gpu.index is not None else index) in out:
+            continue
         if (gpu.index if gpu.index is not None else index) in candidate.held_gpus:
             held += 1
         elif not spec.allow_busy_gpus and is_foreign_busy(gpu):
@@ -143,7 +163,7 @@ def never_satisfiable(spec: JobSpec, candidates: Sequence[Candidate]) -> str | N
     known = [c for c in matching if c.snapshot is not None and c.snapshot.ok]
     if len(known) < len(matching):
         return None  # some matching agent has not reported GPUs yet: it might have enough
-    most = max(len(c.snapshot.gpus) for c in known if c.snapshot)
+    most = max(_gpu_count(c.snapshot) for c in known if c.snapshot)
     if spec.gpus > most:
         return f"needs {spec.gpus} GPUs; the most any matching agent has is {most}"
     if spec.min_free_mem_mib is not None:

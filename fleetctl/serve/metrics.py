@@ -7,6 +7,12 @@ dcgm-exporter work unchanged; AMD GPUs appear under the same names. fleetctl's o
 ``fleetctl_*``. GPU series come only from an agent's latest snapshot, only when it is ``ok`` and
 fresh: a failed host exports its status and ``fleetctl_agent_up 0``, never its last good values.
 
+GPU health (issue 22, docs/gpu-health.md) adds dcgm-exporter's health fields under its names
+(``DCGM_FI_DEV_XID_ERRORS``, ``DCGM_FI_DEV_ECC_DBE_VOL_TOTAL``, ``DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS``,
+``DCGM_FI_DEV_CLOCKS_EVENT_REASONS``, ``DCGM_FI_DEV_PCIE_LINK_WIDTH``, ... as
+:data:`fleetctl.telemetry.health_beat.DCGM_FIELDS` lists them), and per GPU
+``fleetctl_gpu_health{state}`` (1 for its verdict), ``fleetctl_gpu_quarantined`` and ``fleetctl_gpu_missing``.
+
 The collector holds its own :class:`Store` (its own SQLite connection), so scrapes never wait on
 the controller's writes and a scrape during shutdown never meets a store the controller closed."""
 
@@ -31,14 +37,18 @@ from fleetctl.errors import ConfigError, FleetError
 from fleetctl.jobs.model import JobState
 from fleetctl.store import Store, open_store
 from fleetctl.telemetry.health import Health, HealthState
+from fleetctl.telemetry.health_beat import DCGM_FIELDS, XID_FIELD
 from fleetctl.telemetry.history import AgentStatus, agent_statuses
 from fleetctl.telemetry.snapshot import GpuSample, Status, TelemetrySnapshot
+from fleetctl.telemetry.snapshot import HealthState as GpuHealthState
 
 MAX_LABEL_CHARS = 128  # hosts write model names and UUIDs: a bound keeps one odd host from bloating every scrape
 DEFAULT_PORT = 9400  # dcgm-exporter's port: fleetctl stands in for it
 STATUSES: tuple[str, ...] = get_args(Status)
 HEALTH_STATES: tuple[str, ...] = get_args(HealthState)
 JOB_STATES: tuple[str, ...] = get_args(JobState)
+GPU_HEALTH_STATES: tuple[str, ...] = get_args(GpuHealthState)
+GPU_HEALTH_LABELS = ("gpu", "Hostname", "agent")  # a vanished GPU has no UUID or model left to name
 log = logging.getLogger("fleetctl.serve.metrics")
 GPU_LABELS = ("gpu", "UUID", "modelName", "Hostname", "agent")
 
@@ -122,6 +132,14 @@ class FleetCollector(Collector):
         gpus = GaugeMetricFamily("fleetctl_agent_gpus", "GPUs in the agent's latest good heartbeat.", labels=["agent"])
         gpu_families = [(GaugeMetricFamily(name, help_text, labels=list(GPU_LABELS)), read)
                         for name, help_text, read in _GPU_SERIES]
+        health_families = {name: GaugeMetricFamily(name, help_text, labels=list(GPU_LABELS))
+                           for name, _, help_text in (*DCGM_FIELDS, (XID_FIELD[0], "", XID_FIELD[1]))}
+        gpu_health = GaugeMetricFamily("fleetctl_gpu_health", "1 for the GPU's health verdict (ok, degraded, failed, "
+                                       "unknown), 0 for the others.", labels=[*GPU_HEALTH_LABELS, "state"])
+        quarantined = GaugeMetricFamily("fleetctl_gpu_quarantined", "1 while no job is placed on the GPU (failed "
+                                        "until cleared or recovered).", labels=list(GPU_HEALTH_LABELS))
+        missing = GaugeMetricFamily("fleetctl_gpu_missing", "1 when a GPU listed before no longer answers.",
+                                    labels=list(GPU_HEALTH_LABELS))
 
         for name in names:
             known = statuses.get(name) or AgentStatus(name, Health(), False, None)
@@ -150,9 +168,35 @@ class FleetCollector(Collector):
                         reading = read(gpu)
                         if reading is not None:
                             family.add_metric(labels, float(reading))
+                self._gpu_health(snapshot, health_families, gpu_health, quarantined, missing)
 
         yield from (up, status, health, draining, latency, age, misses, gpus)
         yield from (family for family, _ in gpu_families)
+        yield from health_families.values()
+        yield from (gpu_health, quarantined, missing)
+
+    @staticmethod
+    def _gpu_health(snapshot: TelemetrySnapshot, families: dict[str, GaugeMetricFamily], gpu_health: GaugeMetricFamily,
+                    quarantined: GaugeMetricFamily, missing: GaugeMetricFamily) -> None:
+        if snapshot.gpu_health is None:
+            return
+        samples = {g.index: (g, position) for position, g in enumerate(snapshot.gpus) if g.index is not None}
+        host = label(snapshot.hostname or snapshot.agent)
+        for verdict in snapshot.gpu_health.gpus:
+            short = [str(verdict.index), host, label(snapshot.agent)]
+            for state in GPU_HEALTH_STATES:
+                gpu_health.add_metric([*short, state], 1.0 if state == verdict.state else 0.0)
+            quarantined.add_metric(short, 1.0 if verdict.quarantined is not None else 0.0)
+            missing.add_metric(short, 1.0 if verdict.missing else 0.0)
+            sample = samples.get(verdict.index)
+            if sample is None:
+                continue
+            labels = gpu_labels(snapshot, *sample)
+            for (name, _, _), value in zip(DCGM_FIELDS, verdict.values, strict=False):
+                if value is not None:
+                    families[name].add_metric(labels, value)
+            if verdict.last_xid is not None:
+                families[XID_FIELD[0]].add_metric(labels, float(verdict.last_xid))
 
     def _jobs(self) -> GaugeMetricFamily:
         counts = {state: 0 for state in JOB_STATES}

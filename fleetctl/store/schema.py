@@ -79,6 +79,22 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE jobs ADD COLUMN task_index INTEGER;
     CREATE INDEX jobs_parent ON jobs (parent, task_index);
     """,
+    # gpu health (issue 22, fleetctl.telemetry.quarantine): each GPU's last verdict, its quarantine
+    # (kept until cleared or recovered) and its recent Xids (the judgment's repeat window); per host,
+    # the kernel log cursor and what was last seen (bus ids, boot time); and what happened, as events.
+    """
+    CREATE TABLE gpu_health (
+        agent TEXT NOT NULL, gpu INTEGER NOT NULL, bus_id TEXT, state TEXT NOT NULL DEFAULT 'ok', reason TEXT,
+        since {real}, quarantined {real}, quarantine_reason TEXT, xids TEXT, PRIMARY KEY (agent, gpu){rowid}
+    );
+    CREATE TABLE gpu_hosts (
+        agent TEXT PRIMARY KEY, journal_cursor TEXT, buses TEXT, booted {real}, updated {real}{rowid}
+    );
+    CREATE TABLE gpu_events (
+        agent TEXT NOT NULL, gpu INTEGER, ts {real} NOT NULL, event TEXT NOT NULL, detail TEXT{rowid}
+    );
+    CREATE INDEX gpu_events_agent ON gpu_events (agent, ts);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

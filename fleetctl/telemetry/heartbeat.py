@@ -1,7 +1,8 @@
 """One heartbeat = one SSH exec: the GPU query and the host's basics, parsed into a snapshot.
 
 The remote side is stateless: a POSIX ``sh`` script prints the tool's output, a marker with
-its exit code, then ``/proc/loadavg``, two ``/proc/meminfo`` lines and ``/proc/uptime``.
+its exit code, then ``/proc/loadavg``, two ``/proc/meminfo`` lines and ``/proc/uptime``, and, when
+GPU health is read, its part behind its own marker (:mod:`fleetctl.telemetry.health_beat`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 import re
 import shlex
 import time
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
@@ -18,7 +20,9 @@ from fleetctl._text import one_line
 from fleetctl.errors import FleetError
 from fleetctl.inventory.config import Agent
 from fleetctl.ssh.seam import CommandResult
+from fleetctl.telemetry.gpu_health import Rule
 from fleetctl.telemetry.gpu_tools import DEFAULT_QUERIES
+from fleetctl.telemetry.health_beat import HEALTH_MARK, HostMemory, read_health
 from fleetctl.telemetry.jobdirs import SCAN_MARK, SCAN_SCRIPT, parse_scan_line
 from fleetctl.telemetry.outcomes import status_of
 from fleetctl.telemetry.parsers import NoGpusError, parse_gpu_output
@@ -45,19 +49,20 @@ def _query_block(gpu_query_cmd: str | None) -> str:
     return "; el".join(branches) + f"; else printf '{MARK}-cmd none\\n'; fi"
 
 
-def heartbeat_command(agent: Agent) -> str:
-    """The remote command for one heartbeat; it depends only on the agent's query."""
-    return _heartbeat_command(agent.gpu_query_cmd)
+def heartbeat_command(agent: Agent, health: str = "") -> str:
+    """The remote command for one heartbeat; it depends only on the agent's query and ``health``, the
+    GPU health part (:func:`fleetctl.telemetry.health_beat.health_script`; empty: no health read)."""
+    return _heartbeat_command(agent.gpu_query_cmd, health)
 
 
-@functools.lru_cache(maxsize=256)
-def _heartbeat_command(gpu_query_cmd: str | None) -> str:
-    # Built and quoted once per distinct query, not on every beat.
+@functools.lru_cache(maxsize=1024)
+def _heartbeat_command(gpu_query_cmd: str | None, health: str = "") -> str:
+    # Built and quoted once per distinct query (and journal cursor), not on every beat.
     script = (
         f"{_query_block(gpu_query_cmd)}\n"
         f"rc=$?; printf '\\n{MARK}-rc %s\\n' \"$rc\"; "
         "cat /proc/loadavg /proc/uptime 2>/dev/null; grep -E '^(MemTotal|MemAvailable):' /proc/meminfo 2>/dev/null; "
-        + SCAN_SCRIPT
+        + SCAN_SCRIPT + (f"\n{health}" if health else "")
     )
     return "sh -c " + shlex.quote(script)
 
@@ -81,9 +86,12 @@ def _basics(lines: list[str]) -> HostBasics:
 
 
 def snapshot_from_result(agent: Agent, result: CommandResult, latency_ms: float,
-                         timestamp: datetime | None = None) -> TelemetrySnapshot:
-    """Pure: the text one heartbeat exec returned -> a snapshot with exactly one status."""
+                         timestamp: datetime | None = None, *, memory: HostMemory | None = None,
+                         table: Mapping[str, Rule] | None = None) -> TelemetrySnapshot:
+    """Pure: the text one heartbeat exec returned -> a snapshot with exactly one status. ``memory``
+    is what is remembered of the host's GPU health (fields, bus ids, cursor); ``table`` the judgment's."""
     stamp = timestamp or datetime.now(timezone.utc)
+    stdout, health_marker, health_text = result.stdout.partition(f"\n{HEALTH_MARK}\n")
 
     def snapshot(status: Status, **fields: Any) -> TelemetrySnapshot:
         if isinstance(fields.get("error"), str):
@@ -91,7 +99,7 @@ def snapshot_from_result(agent: Agent, result: CommandResult, latency_ms: float,
         return TelemetrySnapshot(agent=agent.name, hostname=agent.hostname or "", timestamp=stamp,
                                  latency_ms=latency_ms, status=status, job_dirs={d.path: d.state for d in job_dirs},
                                  **fields)
-    head, marker, tail = result.stdout.partition(f"\n{MARK}-rc ")
+    head, marker, tail = stdout.partition(f"\n{MARK}-rc ")
     rc_text, _, rest = tail.partition("\n")
     lines = rest.split("\n")  # not splitlines(): it also splits at the \x1e of our markers
     basics = _basics([line for line in lines if not line.startswith(SCAN_MARK)]) if marker else HostBasics()
@@ -116,7 +124,8 @@ def snapshot_from_result(agent: Agent, result: CommandResult, latency_ms: float,
     except FleetError as exc:
         return snapshot(status_of(exc), host=basics, error=one_line(str(exc)))
     gpus = [_valid_sample(gpu) for gpu in gpus]
-    return snapshot("ok" if gpus else "no_gpus", gpus=gpus, host=basics)
+    health = read_health(health_text, memory, gpus, table, stamp.timestamp()) if health_marker and gpus else None
+    return snapshot("ok" if gpus else "no_gpus", gpus=gpus, host=basics, gpu_health=health)
 
 
 def _valid_unicode(text: str) -> str:

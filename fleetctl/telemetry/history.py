@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Optional
@@ -12,8 +12,11 @@ from fleetctl._durations import seconds_of
 from fleetctl.errors import ConfigError
 from fleetctl.store import Store
 from fleetctl.store.leases import Fence
+from fleetctl.telemetry import quarantine
 from fleetctl.telemetry.frames import COLUMNS, snapshot_tuples, typed_frame
+from fleetctl.telemetry.gpu_health import Rule
 from fleetctl.telemetry.health import Health, HealthPolicy, advance
+from fleetctl.telemetry.quarantine import GpuEvent
 from fleetctl.telemetry.snapshot import TelemetrySnapshot
 
 if TYPE_CHECKING:
@@ -41,10 +44,15 @@ class AgentStatus:
 
 
 def record(store: Store, snapshots: Iterable[TelemetrySnapshot], policy: HealthPolicy,
-           fence: Fence | None = None) -> list[Transition]:
+           fence: Fence | None = None, *, table: Mapping[str, Rule] | None = None,
+           kill_on_gpu_failure: bool = False, gpu_events: list[GpuEvent] | None = None,
+           gpu_written: dict[str, tuple[object, ...]] | None = None) -> list[Transition]:
     """Append the snapshots to history and advance each agent's health, in one transaction. With a
     ``fence`` (a controller of a shared store), only beats of agents whose lease it still holds with
-    the same token are written; the rest are dropped (another controller has taken those agents)."""
+    the same token are written; the rest are dropped (another controller has taken those agents).
+    GPU health is judged with its history and quarantines kept (:mod:`fleetctl.telemetry.quarantine`,
+    with ``table``); what happened is appended to ``gpu_events`` when given; ``gpu_written`` is the caller's
+    memory of hosts whose stored GPU health is all ok, so a calm beat writes none of it."""
     snapshots = list(snapshots)
     if not snapshots:
         return []
@@ -56,6 +64,9 @@ def record(store: Store, snapshots: Iterable[TelemetrySnapshot], policy: HealthP
             if not snapshots:
                 return []
         writer = fence.controller if fence is not None else None
+        happened = quarantine.apply(db, snapshots, table, kill_on_failure=kill_on_gpu_failure, written=gpu_written)
+        if gpu_events is not None:
+            gpu_events.extend(happened)
         rows = [(snap.timestamp.timestamp(), *row, writer) for snap in snapshots for row in snapshot_tuples([snap])]
         db.executemany(_INSERT, rows)
         names = [s.agent for s in snapshots]

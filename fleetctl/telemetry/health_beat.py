@@ -1,0 +1,221 @@
+"""GPU health in the heartbeat's one exec: the shell it appends, and the reading of what came back.
+
+The heartbeat script ends with, where ``nvidia-smi`` is on the PATH, two more parts behind markers:
+
+* the health query. The fields a host's driver knows are learned once: on a host not seen before (or
+  whose driver version changed) the shell itself picks them from ``nvidia-smi --help-query-gpu`` (new
+  spelling, else the old one) and queries them in the same exec, and the answer's CSV header tells the
+  controller which it got. It remembers them per host, in memory (:class:`HostMemory`); later beats ask
+  for exactly those, with no help text sent. ``driver_version`` rides along, so a new driver relearns.
+* the kernel log from the host's journal cursor (remembered in the store, so a cron heartbeat from
+  cold goes on from it): only new lines come back, and a beat with nothing new costs no more than an
+  empty answer in the exec that was running anyway.
+
+:func:`read_health` is pure: the text after the markers and what is remembered -> a
+:class:`~fleetctl.telemetry.snapshot.GpuHealthReport` judged with this beat's findings only (the store
+adds the Xid history and keeps quarantines, :mod:`fleetctl.telemetry.quarantine`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+from fleetctl.errors import ParseError
+from fleetctl.telemetry.gpu_health import Rule, judge
+from fleetctl.telemetry.parsers.findings import Finding, clip
+from fleetctl.telemetry.parsers.nvidia_health import (
+    BUSY_PCT,
+    HEALTH_FIELDS,
+    IDENTITY_FIELDS,
+    REMAPPED_ROWS_FIELDS,
+    HealthReading,
+    findings_of,
+    merge_remapped_rows,
+    missing_gpus,
+    needs_remapped_rows_query,
+    parse_health_cached,
+)
+from fleetctl.telemetry.parsers.xid import kernel_log_command, parse_kernel_log
+from fleetctl.telemetry.snapshot import GpuHealth, GpuHealthReport, GpuSample, HealthFinding
+
+HEALTH_MARK = "\x1efleetctl-health"
+REMAP_MARK = "\x1efleetctl-remap"
+JOURNAL_MARK = "\x1efleetctl-journal"
+DRIVER_FIELD = "driver_version"
+JOURNAL_LINES = 500  # kernel lines read per beat at most; an Xid storm past this is cut (and says so)
+
+
+# dcgm-exporter's names (dcgm-exporter's default-counters.csv; units as its help says) for what a reading holds.
+DCGM_FIELDS: tuple[tuple[str, str, str], ...] = (
+    ("DCGM_FI_DEV_ECC_SBE_VOL_TOTAL", "ecc_corrected_volatile", "Total number of single-bit volatile ECC errors."),
+    ("DCGM_FI_DEV_ECC_DBE_VOL_TOTAL", "ecc_uncorrected_volatile", "Total number of double-bit volatile ECC errors."),
+    ("DCGM_FI_DEV_ECC_SBE_AGG_TOTAL", "ecc_corrected_aggregate", "Total number of single-bit persistent ECC errors."),
+    ("DCGM_FI_DEV_ECC_DBE_AGG_TOTAL", "ecc_uncorrected_aggregate", "Total number of double-bit persistent ECC errors."),
+    ("DCGM_FI_DEV_RETIRED_SBE", "retired_pages_sbe", "Total number of retired pages due to single-bit errors."),
+    ("DCGM_FI_DEV_RETIRED_DBE", "retired_pages_dbe", "Total number of retired pages due to double-bit errors."),
+    ("DCGM_FI_DEV_RETIRED_PENDING", "retired_pages_pending", "Total number of pages pending retirement."),
+    ("DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS", "remapped_rows_correctable", "Number of remapped rows for correctable errors."),
+    ("DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS", "remapped_rows_uncorrectable", "Number of remapped rows for uncorrectable errors."),
+    ("DCGM_FI_DEV_ROW_REMAP_PENDING", "remapped_rows_pending", "Whether remapping of rows is pending (1) or not (0)."),
+    ("DCGM_FI_DEV_ROW_REMAP_FAILURE", "remapped_rows_failure", "Whether remapping of rows has failed (1) or not (0)."),
+    ("DCGM_FI_DEV_CLOCKS_EVENT_REASONS", "clock_events_active", "Current clock event reasons (bitmask of nvmlClocksEventReason)."),
+    ("DCGM_FI_DEV_PCIE_LINK_GEN", "pcie_gen_current", "PCIe current link generation."),
+    ("DCGM_FI_DEV_PCIE_MAX_LINK_GEN", "pcie_gen_max", "PCIe max link generation."),
+    ("DCGM_FI_DEV_PCIE_LINK_WIDTH", "pcie_width_current", "PCIe current link width (lanes)."),
+    ("DCGM_FI_DEV_PCIE_MAX_LINK_WIDTH", "pcie_width_max", "PCIe max link width (lanes)."),
+)
+XID_FIELD = ("DCGM_FI_DEV_XID_ERRORS", "Value of the last XID error encountered.")
+
+
+def _values(reading: HealthReading) -> tuple[float | None, ...]:
+    return tuple(None if (value := getattr(reading, attribute)) is None else float(value) for _, attribute, _ in DCGM_FIELDS)
+
+
+@dataclass(frozen=True)
+class HostMemory:
+    """What the controller remembers of one host between beats."""
+
+    fields: tuple[str, ...] | None = None   # None: not learned yet (the shell picks them this beat)
+    driver_version: str | None = None
+    buses: Mapping[str, int] = field(default_factory=dict)  # bus id -> index, as last seen
+    cursor: str | None = None               # the kernel log cursor
+
+
+def _learning_query() -> str:
+    """Shell that picks the health fields this driver knows from its help, then queries them."""
+    pairs = " ".join(f"{new}/{old or new}" for new, old in (*HEALTH_FIELDS, (DRIVER_FIELD, None)))
+    return ("h=$(nvidia-smi --help-query-gpu 2>/dev/null); q=" + ",".join(IDENTITY_FIELDS) + "; "
+            f"for p in {pairs}; do n=${{p%/*}}; o=${{p#*/}}; "
+            'case "$h" in *"\\"$n\\""*) q="$q,$n";; *"\\"$o\\""*) q="$q,$o";; esac; done; '
+            'nvidia-smi --query-gpu="$q" --format=csv,nounits 2>&1')
+
+
+def health_script(memory: HostMemory | None) -> str:
+    """The part of the heartbeat script that reads GPU health; empty where nvidia-smi is absent."""
+    memory = memory or HostMemory()
+    return _health_script(memory.fields, memory.cursor)
+
+
+@functools.lru_cache(maxsize=1024)
+def _health_script(fields: tuple[str, ...] | None, cursor: str | None) -> str:
+    query = _learning_query() if fields is None else f"nvidia-smi --query-gpu={','.join(fields)} --format=csv,nounits 2>&1"
+    remap = ""
+    if fields is not None and len(fields) > len(IDENTITY_FIELDS) + 1 and needs_remapped_rows_query(fields):
+        # R460..R535 know row remapping only through --query-remapped-rows; a driver older still refuses
+        # it, and that refusal costs only the remap fields (see _parse_readings).
+        remap = (f"printf '\\n{REMAP_MARK}\\n'; nvidia-smi --query-remapped-rows={','.join(REMAPPED_ROWS_FIELDS)} "
+                 "--format=csv,nounits 2>&1; ")
+    journal = kernel_log_command(cursor, JOURNAL_LINES)
+    # Gathered, then printed in one write: each separate write would be an SSH packet of its own, and
+    # packets, not bytes, are what a beat costs the controller.
+    return (f"if command -v nvidia-smi >/dev/null 2>&1; then h=$({query}; {remap}"
+            f"printf '\\n{JOURNAL_MARK}\\n'; {journal}); printf '\\n{HEALTH_MARK}\\n%s\\n' \"$h\"; fi")
+
+
+def _sections(text: str) -> tuple[str, str | None, str]:
+    health, _, journal = text.partition(f"\n{JOURNAL_MARK}\n")
+    health, marker, remap = health.partition(f"\n{REMAP_MARK}\n")
+    return health, remap if marker else None, journal
+
+
+def read_health(text: str, memory: HostMemory | None, gpus: Sequence[GpuSample], table: Mapping[str, Rule] | None,
+                now: float | None = None) -> GpuHealthReport:
+    """The health part's output (after its marker) -> this beat's report. Never raises on any text."""
+    memory = memory or HostMemory()
+    busy = tuple(g.index for g in gpus if g.index is not None and (g.utilization_gpu_pct or 0) >= BUSY_PCT)
+    indices = tuple(g.index for g in gpus if g.index is not None)
+    buses_key = tuple(memory.buses.items())
+    # The common beat: a healthy host, nothing new in its journal. The same text gives the same report,
+    # so it is built once (a copy is handed out: the store's quarantine pass replaces its lists).
+    calm = _calm_report(text, buses_key, busy, indices, memory.cursor)
+    if calm is not None:
+        return calm.model_copy()
+    health_text, remap_text, journal_text = _sections(text)
+    parsed = _parse_readings(health_text, remap_text, buses_key, busy)
+    now = time.time() if now is None else now
+    findings = list(parsed.findings)
+    scan = parse_kernel_log(journal_text, dict(parsed.buses) or dict(memory.buses), max_lines=JOURNAL_LINES)
+    findings += scan.findings
+    if not scan.readable:
+        findings.append(Finding("journal_unreadable", detail=scan.problem or ""))
+    all_indices = sorted(set(indices) | {i for _, i in parsed.buses})
+    verdict = judge(findings, now=now, gpus=all_indices, table=table)
+    bus_of = {index: bus for bus, index in (*memory.buses.items(), *parsed.buses)}
+    missing = {f.gpu for f in findings if f.kind == "gpu_missing"}
+    values = dict(parsed.values)
+    last_xid: dict[int, int] = {}
+    for finding in findings:  # dcgm-exporter's XID_ERRORS: the last Xid seen, per GPU
+        if finding.kind == "xid" and finding.gpu is not None and finding.code:
+            last_xid[finding.gpu] = int(finding.code)
+    return GpuHealthReport(
+        gpus=[GpuHealth(index=i, state=v.state, reasons=list(v.reasons), bus_id=bus_of.get(i), values=list(values.get(i, ())),
+                        last_xid=last_xid.get(i), missing=i in missing) for i, v in verdict.gpus.items()],
+        host_reasons=list(verdict.host.reasons), findings=[HealthFinding(**asdict(f)) for f in findings],
+        fields=list(parsed.fields), driver_version=parsed.driver, buses=dict(parsed.buses) or dict(memory.buses),
+        journal_cursor=scan.cursor or memory.cursor, journal_problem=scan.problem)
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    findings: tuple[Finding, ...]
+    fields: tuple[str, ...]
+    driver: str | None
+    buses: tuple[tuple[str, int], ...]
+    values: tuple[tuple[int, tuple[float | None, ...]], ...]
+
+
+@functools.lru_cache(maxsize=512)
+def _parse_readings(health_text: str, remap_text: str | None, known_buses: tuple[tuple[str, int], ...],
+                    busy: tuple[int, ...]) -> _Parsed:
+    """The health query's answer -> findings and values; remembered, as a healthy host repeats itself."""
+    findings: list[Finding] = []
+    try:
+        readings = list(parse_health_cached(health_text.strip("\n")))
+        header = health_text.strip("\n").split("\n", 1)[0]
+        fields = tuple(cell.strip().partition(" [")[0] for cell in header.split(",")) if readings else ()
+        if remap_text is not None:
+            # A driver before R460 has no --query-remapped-rows: the other fields still count.
+            with contextlib.suppress(ParseError):
+                readings = merge_remapped_rows(readings, list(parse_health_cached(remap_text.strip("\n"))))
+        findings += findings_of(readings, dict.fromkeys(busy, 100.0))
+        findings += missing_gpus(dict(known_buses), readings)
+        if not readings:
+            findings.append(Finding("health_unreadable", detail=clip(health_text.strip()[:200]) or "no answer"))
+    except ParseError as exc:
+        return _Parsed((Finding("health_unreadable", detail=clip(str(exc))),), (), None, (), ())
+    driver = next((r.raw.get(DRIVER_FIELD) for r in readings if r.raw.get(DRIVER_FIELD)), None)
+    buses = tuple((r.bus_id, r.index) for r in readings if r.bus_id and r.index is not None)
+    values = tuple((r.index, _values(r)) for r in readings if r.index is not None)
+    return _Parsed(tuple(findings), fields, driver, buses, values)
+
+
+@functools.lru_cache(maxsize=1024)
+def _calm_report(text: str, buses_key: tuple[tuple[str, int], ...], busy: tuple[int, ...], indices: tuple[int, ...],
+                 cursor: str | None) -> GpuHealthReport | None:
+    """The report of a beat with no finding and nothing new in the journal; None for any other beat."""
+    health_text, remap_text, journal_text = _sections(text)
+    parsed = _parse_readings(health_text, remap_text, buses_key, busy)
+    if journal_text.strip() or parsed.findings:
+        return None
+    bus_of = {index: bus for bus, index in parsed.buses}
+    values = dict(parsed.values)
+    return GpuHealthReport(
+        gpus=[GpuHealth(index=i, bus_id=bus_of.get(i), values=list(values.get(i, ()))) for i in sorted(set(indices) | set(bus_of))],
+        fields=list(parsed.fields), driver_version=parsed.driver, buses=dict(parsed.buses), journal_cursor=cursor)
+
+
+def remembered(report: GpuHealthReport, before: HostMemory | None) -> HostMemory:
+    """What to remember of a host after a beat: a new driver (or fields not learned) means relearning."""
+    before = before or HostMemory()
+    if (before.fields is not None and report.fields == list(before.fields) and report.buses == before.buses
+            and report.journal_cursor == before.cursor and report.driver_version == before.driver_version):
+        return before  # the common beat: nothing new to remember
+    learned = tuple(report.fields) if len(report.fields) > len(IDENTITY_FIELDS) else None
+    if before.driver_version and report.driver_version and report.driver_version != before.driver_version:
+        learned = None  # a new driver may know new fields: the next beat asks its help again
+    return HostMemory(learned, report.driver_version or before.driver_version, dict(report.buses),
+                      report.journal_cursor or before.cursor)
