@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import ValidationError
 
@@ -20,7 +21,7 @@ from fleetctl.hosts.core import Hosts
 from fleetctl.jobs.code.snapshot import take_snapshot
 from fleetctl.jobs.code.store import CodeStore
 from fleetctl.jobs.driver import Driver, controller_live, no_controller_reason
-from fleetctl.jobs.model import CodeRef, JobRecord, JobResult, JobSpec, JobState
+from fleetctl.jobs.model import CodeRef, JobRecord, JobResult, JobSpec, JobState, SweepRecord
 from fleetctl.jobs.queue import JobQueue
 from fleetctl.jobs.runner import JobRunner
 
@@ -37,6 +38,29 @@ def refresh_reasons(fleet: Hosts) -> bool:
     for job in queued:
         queue.set_reason(job.id, no_controller_reason(job.id))
     return False
+
+
+R = TypeVar("R", JobRecord, SweepRecord)
+
+
+def wait_driving(hosts: Hosts, read: Callable[[], R], still: Callable[[R], str], job_id: str,
+                 timeout: float | None, poll_s: float) -> R:
+    """``read()`` until its record is done, driving the queue meanwhile (a no-op while a ``serve``
+    holds it); past ``timeout`` a JobError that says ``still(record)`` and how to keep waiting."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    driver = Driver(hosts)
+    try:
+        while True:
+            record = read()
+            if record.done:
+                return record
+            if deadline is not None and time.monotonic() >= deadline:
+                raise JobError(f"{still(record)} after {timeout:g}s", hint=f"`fleetctl jobs wait {job_id}` to keep waiting")
+            started = time.monotonic()
+            driver.cycle()
+            time.sleep(max(0.0, poll_s - (time.monotonic() - started)))
+    finally:
+        driver.close()
 
 
 def drive_once(hosts: Hosts) -> bool:
@@ -67,21 +91,8 @@ class Job:
 
     def wait(self, timeout: float | None = None, poll_s: float = 1.0) -> JobRecord:
         """Until the job ends; drives the queue itself when no ``serve`` is running."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        driver = Driver(self.fleet)
-        try:
-            while True:
-                record = self.record
-                if record.done:
-                    return record
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise JobError(f"job {self.id} still {record.state} after {timeout:g}s",
-                                   hint=f"`fleetctl jobs wait {self.id}` to keep waiting")
-                started = time.monotonic()
-                driver.cycle()
-                time.sleep(max(0.0, poll_s - (time.monotonic() - started)))
-        finally:
-            driver.close()
+        return wait_driving(self.fleet, lambda: self.record, lambda record: f"job {self.id} still {record.state}",
+                            self.id, timeout, poll_s)
 
     def logs(self, stream: str = "stdout") -> str:
         """The collected log once the job ended; while it runs, the remote log so far."""

@@ -12,15 +12,14 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fleetctl.errors import ConfigError, JobError, StoreError
 from fleetctl.hosts.core import Hosts
-from fleetctl.jobs.api import job_spec, prune_snapshots, snapshot_code
-from fleetctl.jobs.driver import Driver, controller_live, no_controller_reason
+from fleetctl.jobs.api import job_spec, prune_snapshots, snapshot_code, wait_driving
+from fleetctl.jobs.driver import controller_live, no_controller_reason
 from fleetctl.jobs.model import JobRecord, SweepKind, SweepRecord, param_env_name
 from fleetctl.jobs.queue import SWEEP_PREFIX, JobQueue
 from fleetctl.jobs.runner import JobRunner
@@ -177,21 +176,9 @@ class Sweep:
 
     def wait(self, timeout: float | None = None, poll_s: float = 1.0) -> SweepRecord:
         """Until every task ended; drives the queue itself when no ``serve`` is running."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        driver = Driver(self.hosts)
-        try:
-            while True:
-                record = self.record
-                if record.done:
-                    return record
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise JobError(f"sweep {self.id} still {record.state} after {timeout:g}s ({record.describe_counts()})",
-                                   hint=f"`fleetctl jobs wait {self.id}` to keep waiting")
-                started = time.monotonic()
-                driver.cycle()
-                time.sleep(max(0.0, poll_s - (time.monotonic() - started)))
-        finally:
-            driver.close()
+        return wait_driving(self.hosts, lambda: self.record,
+                            lambda record: f"sweep {self.id} still {record.state} ({record.describe_counts()})",
+                            self.id, timeout, poll_s)
 
     def cancel(self, force: bool = False) -> SweepRecord:
         return cancel_sweep(self.hosts, self.id, force=force)
