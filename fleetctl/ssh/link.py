@@ -27,6 +27,11 @@ from fleetctl.ssh.seam import Hop, HostKeySeen
 _FIRST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 # SSH_OPEN_ADMINISTRATIVELY_PROHIBITED: the bastion's AllowTcpForwarding (or PermitOpen) says no.
 _OPEN_PROHIBITED = 1
+# When a bastion's connection drops, its reader first closes every channel on it (waking each host
+# behind it, whose login or tunnel then fails) and only then marks the transport inactive. A host
+# that failed through a bastion still marked alive waits up to this long for that mark before the
+# failure is called the host's own, so a dead bastion is every host's ``bastion_unreachable``.
+_BASTION_SETTLE_S = 1.0
 quiet_paramiko()
 
 
@@ -86,7 +91,7 @@ class Link:
             self._open(options, timeout, probe)
         except TransportError as exc:
             self.close()
-            if via is not None and not via.is_active and not exc.is_bastion:
+            if via is not None and not exc.is_bastion and via.went_away():
                 # The bastion died under this login: its failure, reported once for all its hosts.
                 raise UnreachableError(f"bastion {via.hop.address} went away while reaching {hop.address}",
                                        hop=via.hop.address, is_bastion=True,
@@ -100,6 +105,17 @@ class Link:
     def is_active(self) -> bool:
         via_active = self.via is None or self.via.is_active
         return self.transport is not None and bool(self.transport.is_active()) and via_active
+
+    def went_away(self) -> bool:
+        """Whether this link is dead, asked after something through it failed: allows its reader
+        ``_BASTION_SETTLE_S`` to finish noticing (see there). A live link costs that wait, on a
+        failure path only."""
+        deadline = time.monotonic() + _BASTION_SETTLE_S
+        while self.is_active:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        return True
 
     def _open(self, options: ConnectOptions, timeout: float, probe: bool) -> None:
         hop, is_bastion = self.hop, self.is_bastion
@@ -165,11 +181,13 @@ class Link:
             lean_swap.lean_channel(channel)  # before the host's transport reads it
             return channel
         except (UnreachableError, ConnectTimeout) as exc:
-            if not self.is_active:  # the bastion itself died under the open: its failure, not the host's
+            cause = exc.__cause__
+            # A ChannelException is the bastion's answer, so the bastion is alive; anything else may
+            # be the bastion dying under the open: its failure, not the host's.
+            if not isinstance(cause, paramiko.ChannelException) and self.went_away():
                 raise UnreachableError(f"bastion {self.hop.address} went away while reaching {hop.address}",
                                        hop=self.hop.address, is_bastion=True,
                                        hint="is the bastion up? its hosts reconnect through it on the next try") from exc
-            cause = exc.__cause__
             if isinstance(cause, paramiko.ChannelException) and cause.code == _OPEN_PROHIBITED:
                 raise UnreachableError(f"bastion {self.hop.address} refuses to forward to {hop.address}",
                                        hop=self.hop.address, is_bastion=True,
