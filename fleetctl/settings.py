@@ -53,6 +53,11 @@ class ControllerSettings(BaseModel):
     offline_grace_s: float = Field(default=600.0, gt=0)
     scheduler_tick_s: float = Field(default=1.0, gt=0, le=60)
     kill_grace_s: int = Field(default=10, ge=0, le=3600)  # SIGTERM -> SIGKILL on cancel and timeout
+    # Hosts behind one bastion share one connection to it (fleetctl.ssh.hops): a bastion that failed is
+    # not tried again for this long (the rest of the round gets its error at once), and at most this many
+    # logins run at once to any one sshd (OpenSSH's default MaxStartups 10:30:100 starts dropping at 10).
+    hop_retry_after_s: float = Field(default=5.0, ge=0, le=3600)
+    handshakes_per_sshd: int = Field(default=4, ge=1, le=100)
     ssh_config: bool = True  # resolve agents through ssh_config as `ssh` does (false: inventory fields only)
     ssh_config_file: Optional[str] = None  # like `ssh -F`; unset: ~/.ssh/config and /etc/ssh/ssh_config
     # A job whose host went offline stays provisionally ``lost`` this long: its result may still come back.

@@ -113,7 +113,9 @@ class Hosts:
         self._store: Store | None = None
         self._pruned_at = -PRUNE_EVERY_S
         self.connect_options = ConnectOptions(host_keys=HostKeyPolicy(KnownHosts.default(self.state_dir),
-                                                                      accept_any_host_key))
+                                                                      accept_any_host_key),
+                                              hop_retry_after_s=self.settings.hop_retry_after_s,
+                                              handshakes_per_sshd=self.settings.handshakes_per_sshd)
         # One Connector for the fleet: hosts behind the same bastion share one connection to it.
         self._connect: TransportConnector = connector or Connector(self.connect_options)
         self._connections: dict[str, Connection] = {}

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import paramiko
 
 from fleetctl.errors import ConnectTimeout, TransportError, UnreachableError
+from fleetctl.settings import ControllerSettings, default_of
 from fleetctl.ssh import fastpath, lean_swap
 from fleetctl.ssh.auth import authenticate
 from fleetctl.ssh.errors import PARAMIKO_LOG_CHANNEL, quiet_paramiko, translated
@@ -42,11 +43,10 @@ class ConnectOptions:
     keepalive_s: int = 0
     # A shared bastion that failed is not tried again for this long: the hosts behind it that ask
     # meanwhile (the rest of the round) get the same error at once, so a dead bastion costs one
-    # connect timeout per round, not one per host.
-    hop_retry_after_s: float = 5.0
-    # Logins in progress at once to one sshd (its address and port, along the same hops). OpenSSH's
-    # default MaxStartups 10:30:100 starts dropping unauthenticated connections at 10.
-    handshakes_per_sshd: int = 4
+    # connect timeout per round, not one per host. Defaults: [controller] (fleetctl.settings).
+    hop_retry_after_s: float = default_of(ControllerSettings, "hop_retry_after_s")
+    # Logins in progress at once to one sshd (its address and port, along the same hops).
+    handshakes_per_sshd: int = default_of(ControllerSettings, "handshakes_per_sshd")
 
 
 def preferred_ciphers(offered: tuple[str, ...]) -> tuple[str, ...]:

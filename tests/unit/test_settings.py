@@ -157,3 +157,15 @@ def test_constants_elsewhere_are_read_from_the_models() -> None:
     assert HealthPolicy() == HealthPolicy(controller.offline_after_misses, controller.offline_grace_s)
     assert routes.DEFAULT_CONNECT_TIMEOUT_S == Route(()).connect_timeout == agent.connect_timeout_s
     assert agent.command_timeout_s == fanout.DEFAULT_TIMEOUT_S
+
+
+def test_bastion_sharing_is_set_from_the_controller_table(tmp_path: Path) -> None:
+    """``[controller]`` hop_retry_after_s and handshakes_per_sshd reach the fleet's connections; unset,
+    the SSH package's own defaults are the models' (written once)."""
+    from fleetctl.ssh import ConnectOptions
+
+    assert (ConnectOptions().hop_retry_after_s, ConnectOptions().handshakes_per_sshd) == (
+        ControllerSettings().hop_retry_after_s, ControllerSettings().handshakes_per_sshd)
+    inventory = _inventory(tmp_path, "[controller]\nhop_retry_after_s = 0.5\nhandshakes_per_sshd = 8\n")
+    options = Fleet(inventory, state_dir=tmp_path / "state").hosts.connect_options
+    assert (options.hop_retry_after_s, options.handshakes_per_sshd) == (0.5, 8)
