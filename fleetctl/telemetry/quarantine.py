@@ -3,7 +3,7 @@
 Called by :func:`fleetctl.telemetry.history.record` inside the transaction that writes the beats.
 Per GPU (``gpu_health``) it keeps the verdict, the quarantine, and the Xids of the last hour (a rule's
 ``repeat`` counts them across beats and across controllers, so a cron heartbeat from cold still sees a
-storm); per host (``gpu_hosts``) the kernel log cursor, the bus ids and the boot time last seen.
+storm, and a line two controllers both read counts once); per host (``gpu_hosts``) the kernel log cursor, the bus ids and the boot time last seen.
 A beat that finds nothing on a host whose stored state is all ok (``written``, the caller's memory of
 what it last wrote) writes nothing: the common beat costs no SQL here.
 
@@ -71,7 +71,11 @@ def apply(db: Any, snapshots: Iterable[TelemetrySnapshot], table: Mapping[str, R
         rebooted = last_booted is not None and booted is not None and booted > last_booted + REBOOT_SLACK_S
         history = [Finding("xid", gpu=gpu, code=str(code), at=float(when))
                    for gpu, row in stored.items() for code, when in json.loads(row[5] or "[]") if when >= at - XID_MEMORY_S]
-        findings = [Finding(**f.model_dump()) for f in report.findings]
+        # An Xid line already counted (same GPU, code and kernel timestamp) is not counted again: serve and a
+        # cron heartbeat each read the journal from their own cursor, so both may bring the same line.
+        counted = {(f.gpu, f.code, f.at) for f in history}
+        findings = [Finding(**f.model_dump()) for f in report.findings
+                    if not (f.kind == "xid" and f.at is not None and (f.gpu, f.code, f.at) in counted)]
         indices = sorted({g.index for g in report.gpus} | {i for i in stored if i >= 0})
         verdict = judge(findings, now=at, history=history, gpus=indices, table=table)
         gpus: list[GpuHealth] = []

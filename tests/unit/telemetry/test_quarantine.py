@@ -74,6 +74,17 @@ def test_xids_count_across_beats_and_one_xid_13_is_nothing(store: Store) -> None
     assert events(store) == []
 
 
+def test_an_xid_line_two_controllers_both_read_counts_once(store: Store) -> None:
+    """serve and a cron heartbeat read the journal from their own cursors: the same four lines brought
+    by both are four Xids, not eight, so the storm rule (5 in 10 min) does not fire."""
+    lines = [Finding("xid", gpu=0, code="13", at=T0 + n) for n in range(4)]
+    assert states(store, T0 + 5, *lines)[0] == "ok"
+    assert states(store, T0 + 6, *lines)[0] == "ok"  # the other controller, the same lines
+    xids = store.query("SELECT xids FROM gpu_health WHERE agent = 'a' AND gpu = 0")[0][0]
+    assert len(json.loads(xids)) == 4
+    assert states(store, T0 + 7, Finding("xid", gpu=0, code="13", at=T0 + 7))[0] == "degraded"  # a fifth, new line
+
+
 def test_a_reboot_with_the_finding_gone_recovers_a_gpu(store: Store) -> None:
     dbe = Finding("ecc_uncorrected_volatile", gpu=1, value=2)
     assert states(store, T0, dbe, uptime=5000) == {0: "ok", 1: "failed"}
