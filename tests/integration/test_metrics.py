@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -169,6 +170,8 @@ def test_the_grafana_dashboard_is_built_on_exported_names(tmp_path: Path) -> Non
     used = {name for expr in _dashboard_queries() for name in re.findall(r"\b(?:DCGM_FI_\w+|fleetctl_\w+)", expr)}
     assert used and used <= exported, used - exported
     assert set(GPU_SERIES) | {"fleetctl_agent_up", "fleetctl_jobs"} <= used
+    assert {"fleetctl_gpu_health", "fleetctl_gpu_quarantined", "fleetctl_gpu_missing", "DCGM_FI_DEV_XID_ERRORS",
+            "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL", "DCGM_FI_DEV_PCIE_LINK_WIDTH"} <= used  # the GPU health row
 
 
 # -- serve against a sandbox ------------------------------------------------------------------
@@ -206,6 +209,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     log = root / "serve.log"
     try:
         sandbox.stop_host("m-gone")
+        # One application Xid in m-nv's kernel log: exported as its last Xid, judged ok (quarantines nothing).
+        sandbox.write_host_state("m-nv", {**sandbox.host_state("m-nv"),
+                                          "kernel_log": [{"at": time.time() - 30, "gpu": 1, "xid": 13}]})
         config = root / "agents.toml"
         config.write_text("[controller]\nheartbeat_interval_s = 0.5\n\n" + sandbox.inventory_path.read_text())
         home = root / "home"
