@@ -7,9 +7,11 @@ parallel-ssh (libssh2), all on the same bench fleet in the same run, with the sa
     .venv/bin/python bench/heartbeat.py --hosts 100 --rounds 5 --ssh-baseline --json out.json
     .venv/bin/python bench/heartbeat.py --bastion --hosts 300 --rounds 5     # every host behind one bastion
 
-Clients: ``fleetctl`` on its default (fast) path; ``fleetctl-stock``, the same with
-``FLEETCTL_SSH_FAST=0`` (stock paramiko: a reading thread per connection), which shows what the
-fast path buys; ``asyncssh``; ``parallel-ssh``.
+Clients: ``fleetctl`` on its default (fast) path; ``fleetctl-cron``, the next cron run: the same in a
+new process on the state dir the ``fleetctl`` run left (its store, and its kept ``ssh -G`` answers, so
+its first round execs no ``ssh``); ``fleetctl-stock``, the same with ``FLEETCTL_SSH_FAST=0`` (stock
+paramiko: a reading thread per connection), which shows what the fast path buys; ``asyncssh``;
+``parallel-ssh``.
 
 ``--bastion``: every host is reached through one bastion sshd that keeps OpenSSH's defaults
 (``MaxStartups 10:30:100``, ``MaxSessions 10``; ``AllowTcpForwarding yes``) and forwards to the
@@ -64,12 +66,16 @@ from fleetctl.fleet import DEFAULT_MAX_PARALLEL_SSH  # noqa: E402
 from fleetctl.telemetry.heartbeat import heartbeat_command  # noqa: E402
 from fleetctl.telemetry.snapshot import TelemetrySnapshot  # noqa: E402
 
-CLIENTS = ("fleetctl", "fleetctl-stock", "asyncssh", "parallel-ssh")
-OURS = ("fleetctl", "fleetctl-stock")
+CLIENTS = ("fleetctl", "fleetctl-cron", "fleetctl-stock", "asyncssh", "parallel-ssh")
+OURS = ("fleetctl", "fleetctl-cron", "fleetctl-stock")
 PEERS_MEASURED = ("asyncssh", "parallel-ssh")
-BASTION_CLIENTS = ("fleetctl", "fleetctl-stock", "asyncssh")
+BASTION_CLIENTS = ("fleetctl", "fleetctl-cron", "fleetctl-stock", "asyncssh")
 # The child's environment: fleetctl-stock is fleetctl with the fast path switched off.
-CLIENT_ENV = {"fleetctl": {"FLEETCTL_SSH_FAST": "1"}, "fleetctl-stock": {"FLEETCTL_SSH_FAST": "0"}}
+CLIENT_ENV = {"fleetctl": {"FLEETCTL_SSH_FAST": "1"}, "fleetctl-cron": {"FLEETCTL_SSH_FAST": "1"},
+              "fleetctl-stock": {"FLEETCTL_SSH_FAST": "0"}}
+# fleetctl-cron is the next cron run: a new process on the state dir the fleetctl run left (its store and
+# its kept `ssh -G` answers, fleetctl.ssh.resolve_cache), as a cron heartbeat finds it every minute.
+STATE_OF = {"fleetctl-cron": "fleetctl"}
 Round = Callable[[], list[TelemetrySnapshot]]
 
 
@@ -131,7 +137,7 @@ def run_fleetctl(bench: BenchFleet, parallel: int, rounds: int, idle_s: float, n
     if not ssh_config:  # inventory fields only, as the peers (asyncssh's config=[]): no `ssh -G` per host
         for agent in inventory.agents:
             agent.ssh_config = False
-    fleet = Fleet(inventory, state_dir=bench.directory / f"state-{name}", max_parallel_ssh=parallel)
+    fleet = Fleet(inventory, state_dir=bench.directory / f"state-{STATE_OF.get(name, name)}", max_parallel_ssh=parallel)
     try:
         # The first round (handshakes) records too: it creates the store, as `serve`'s first round does.
         def without_health() -> list[TelemetrySnapshot]:
@@ -190,7 +196,7 @@ def print_table(count: int, results: dict[str, dict[str, Any]], base: dict[str, 
     columns = list(results)
     # Ratio columns: each of our clients against each peer (fleetctl / asyncssh, stock / asyncssh...).
     pairs = [(o, p) for o in OURS if o in results for p in PEERS_MEASURED if p in results]
-    short = {"fleetctl": "fleetctl", "fleetctl-stock": "stock"}
+    short = {"fleetctl": "fleetctl", "fleetctl-cron": "cron", "fleetctl-stock": "stock"}
     head = f"{'':36}" + "".join(f"{c:>17}" for c in columns)
     if base:
         head += f"{'ssh per beat':>14}"

@@ -122,7 +122,7 @@ class Hosts:
         self._locks: dict[str, threading.Lock] = {a.name: threading.Lock() for a in inventory}
         self._routes: dict[str, Route] = {}
         # ssh_config is resolved once per agent (cached by the resolver), never per heartbeat.
-        self.resolver = resolver_for(self.settings)
+        self.resolver = resolver_for(self.settings, state_dir=self.state_dir)
         self._plain_resolver = resolver_for(self.settings, enabled=False)
         self._executor: ThreadPoolExecutor | None = None
         self._closing = False

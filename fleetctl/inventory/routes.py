@@ -9,20 +9,25 @@ OpenSSH resolves it (:mod:`fleetctl.ssh.resolve`), ProxyJump hops included.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from fleetctl.inventory.config import Agent, Bastion
 from fleetctl.settings import ControllerSettings, default_of, layered
 from fleetctl.ssh.resolve import Resolved, SshConfigResolver, SshOptions
+from fleetctl.ssh.resolve_cache import ANSWERS_DIR
 from fleetctl.ssh.seam import Hop, Route
 
 DEFAULT_CONNECT_TIMEOUT_S: float = default_of(Agent, "connect_timeout_s")
 
 
-def resolver_for(settings: ControllerSettings, *, enabled: bool | None = None) -> SshConfigResolver:
+def resolver_for(settings: ControllerSettings, *, enabled: bool | None = None,
+                 state_dir: Path | None = None) -> SshConfigResolver:
     """ssh_config file: ``[controller] ssh_config_file`` < ``$FLEETCTL_SSH_CONFIG`` (the layers of
-    :mod:`fleetctl.settings`); unset means what plain ``ssh`` reads (~/.ssh/config and /etc/ssh/ssh_config)."""
+    :mod:`fleetctl.settings`); unset means what plain ``ssh`` reads (~/.ssh/config and /etc/ssh/ssh_config).
+    With ``state_dir``, ``ssh -G``'s answers are kept there between processes (:mod:`fleetctl.ssh.resolve_cache`)."""
     config_file = layered({"ssh_config_file": settings.ssh_config_file}).settings.ssh_config_file
-    return SshConfigResolver(config_file, enabled=settings.ssh_config if enabled is None else enabled)
+    return SshConfigResolver(config_file, enabled=settings.ssh_config if enabled is None else enabled,
+                             answers_dir=state_dir / ANSWERS_DIR if state_dir is not None else None)
 
 
 def _port(model: Agent | Bastion) -> int | None:

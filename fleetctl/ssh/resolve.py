@@ -22,6 +22,7 @@ from pathlib import Path
 from fleetctl.errors import ConfigError
 from fleetctl.ssh.addresses import format_address
 from fleetctl.ssh.config_file import ParsedConfig, expand_hostname, parse_config
+from fleetctl.ssh.resolve_cache import AnswerCache, config_digest
 from fleetctl.ssh.seam import DEFAULT_IDENTITY_FILES as DEFAULT_IDENTITIES
 
 MAX_JUMP_DEPTH = 8
@@ -114,12 +115,15 @@ class SshConfigResolver:
     """Resolves hosts through ssh_config, once each (results are cached; never per heartbeat)."""
 
     def __init__(self, config_file: str | os.PathLike[str] | None = None, *, enabled: bool = True,
-                 ssh_binary: str | None = None) -> None:
+                 ssh_binary: str | None = None, answers_dir: Path | None = None) -> None:
         self.config_file = Path(os.path.expanduser(str(config_file))) if config_file else None
         self.enabled = enabled
         self.ssh_binary = ssh_binary if ssh_binary is not None else shutil.which("ssh")
         self._cache: dict[tuple[str, SshOptions], Resolved] = {}
         self._lock = threading.Lock()
+        # `ssh -G` answers kept between processes (fleetctl.ssh.resolve_cache); None: asked every process.
+        self._answers = AnswerCache(answers_dir) if answers_dir is not None else None
+        self._digests: dict[Path | None, str | None] = {}
 
     @property
     def mode(self) -> str:
@@ -180,8 +184,37 @@ class SshConfigResolver:
             command += ["-o", f"HostName={options.hostname}"]
         return [*command, "--", host]
 
+    def _ask_openssh(self, command: list[str], host: str, config_file: Path | None) -> dict[str, list[str]]:
+        """``ssh -G``'s answer: from the answers kept on disk when every input is unchanged."""
+        if self._answers is None or self.ssh_binary is None:
+            return _run_ssh_g(command, host)
+        with self._lock:
+            if config_file not in self._digests:
+                self._digests[config_file] = config_digest(config_file)
+            digest = self._digests[config_file]
+        key = AnswerCache.key(digest, self.ssh_binary, command) if digest is not None else None
+        kept = self._answers.get(key) if key is not None else None
+        if kept is not None:
+            return kept
+        values = _run_ssh_g(command, host)
+        if key is not None:
+            self._answers.put(key, values)
+        return values
+
+    def _baseline_algorithms(self) -> str:
+        """OpenSSH's own default HostKeyAlgorithms, so a config that does not set it is not mistaken
+        for one that does (asked once per binary, with no config)."""
+        binary = self.ssh_binary
+        if binary is None:
+            return ""
+        if binary not in _BASELINE:
+            values = self._ask_openssh([binary, "-G", "-F", "none", "--", "baseline.invalid"], "baseline.invalid",
+                                       Path("none"))
+            _BASELINE[binary] = values.get("hostkeyalgorithms", [""])[0]
+        return _BASELINE[binary]
+
     def _from_openssh(self, host: str, options: SshOptions, parsed: ParsedConfig | None) -> Resolved:
-        values = _run_ssh_g(self._command(host, options), host)
+        values = self._ask_openssh(self._command(host, options), host, self.config_file)
         _refuse_unsupported(host, values)
 
         def get(key: str, default: str = "") -> str:
@@ -189,7 +222,7 @@ class SshConfigResolver:
         jump = get("proxyjump", "none")
         proxy = get("proxycommand", "none")
         algorithms = get("hostkeyalgorithms")
-        baseline = _baseline_algorithms(self.ssh_binary)
+        baseline = self._baseline_algorithms()
         resolved = Resolved(
             alias=host, hostname=get("hostname", host), user=get("user", getpass.getuser()),
             port=int(get("port", "22")),
@@ -338,18 +371,7 @@ def _run_ssh_g(command: list[str], host: str) -> dict[str, list[str]]:
     return values
 
 
-_BASELINE: dict[str, str] = {}
-
-
-def _baseline_algorithms(binary: str | None) -> str:
-    """OpenSSH's own default HostKeyAlgorithms, so a config that does not set it is not mistaken
-    for one that does."""
-    if binary is None:
-        return ""
-    if binary not in _BASELINE:
-        values = _run_ssh_g([binary, "-G", "-F", "none", "--", "baseline.invalid"], "baseline.invalid")
-        _BASELINE[binary] = values.get("hostkeyalgorithms", [""])[0]
-    return _BASELINE[binary]
+_BASELINE: dict[str, str] = {}  # per ssh binary: OpenSSH's default HostKeyAlgorithms
 
 
 def _refuse_unsupported(host: str, values: dict[str, list[str]]) -> None:
