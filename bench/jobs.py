@@ -3,10 +3,17 @@ against the reference design (one OpenSSH ``ssh`` command per step) measured in 
 
     .venv/bin/python bench/jobs.py [--hosts 8] [--jobs 200]
     .venv/bin/python bench/jobs.py --array 1000 [--repeat 5]    # submit --array N on SQLite and PostgreSQL
+    .venv/bin/python bench/jobs.py --dispatch 1000 [--hosts 8] [--singles 20]   # dispatch throughput, N queued
 
 ``--array N`` times ``fleetctl submit --array N`` alone (the parent and N tasks in one transaction): the
 library call ``fleet.submit_sweep(array=N)`` and the whole command in a subprocess (interpreter start
 included), on the SQLite store and, where PostgreSQL's server is installed, on a private cluster.
+
+``--dispatch N`` times dispatch alone (claim, mkdir, upload, launch, marked running): the per-job cost of
+dispatching an ``--array N`` sweep whose N tasks are all queued at once, against the per-job cost of a
+single queued job's dispatch measured in the same run on the same fleet (the median of ``--singles``).
+The target is within 1.5x: a tick reads the queue once, not once per task. Wall time and this
+process's CPU time, each per job.
 
 fleetctl: submit N jobs, then drive the queue (heartbeat + runner tick) until all are collected.
 Latency is from the moment a job is marked ``dispatching`` to the moment its command starts on
@@ -32,6 +39,8 @@ from benchfleet import BenchFleet  # noqa: E402
 from fleetctl.fleet import Fleet  # noqa: E402
 from fleetctl.jobs.api import drive_once  # noqa: E402
 from fleetctl.jobs.queue import JobQueue  # noqa: E402
+from fleetctl.jobs.runner import JobRunner  # noqa: E402
+from fleetctl.telemetry.history import agent_statuses  # noqa: E402
 
 
 def measure_fleetctl(bench: BenchFleet, count: int) -> dict[str, float]:
@@ -80,6 +89,57 @@ def measure_ssh_baseline(bench: BenchFleet, count: int) -> dict[str, float]:
     wall = time.monotonic() - started
     return {"jobs_per_s": count / wall, "latency_ms": statistics.median(latencies),
             "latency_p95_ms": sorted(latencies)[max(0, int(len(latencies) * 0.95) - 1)]}
+
+
+def measure_dispatch(bench: BenchFleet, tasks: int, singles: int) -> dict[str, float]:
+    """Seconds per job (wall, and this process's CPU) to dispatch: single queued jobs one at a time,
+    then an array of ``tasks`` all queued at once, through the runner's own placement and dispatch."""
+    fleet = Fleet(bench.inventory(), state_dir=bench.directory / "state-dispatch")
+    try:
+        fleet.heartbeat()
+        fleet.heartbeat()  # twice: agents are online and connections open before timing
+        runner = JobRunner(fleet.hosts)
+        statuses = agent_statuses(fleet.hosts.store)  # as a tick reads them; no heartbeat runs meanwhile
+        walls, cpus = [], []
+        for _ in range(singles + 1):  # the first one opens each host's SFTP session: not timed
+            fleet.submit(["true"])
+            wall, cpu = time.perf_counter(), time.process_time()
+            assert len(runner.scheduler.dispatch_queued(statuses)) == 1
+            walls.append(time.perf_counter() - wall)
+            cpus.append(time.process_time() - cpu)
+        started = time.perf_counter()
+        fleet.submit_sweep(["true"], array=tasks)
+        submitted = time.perf_counter() - started
+        wall, cpu, dispatched, ticks = time.perf_counter(), time.process_time(), 0, 0
+        while dispatched < tasks:
+            done = len(runner.scheduler.dispatch_queued(statuses))
+            assert done, "a tick dispatched nothing"
+            dispatched, ticks = dispatched + done, ticks + 1
+        array_wall, array_cpu = (time.perf_counter() - wall) / tasks, (time.process_time() - cpu) / tasks
+        # Every launched job ends before the scratch directory goes (its result.json written).
+        deadline = time.monotonic() + 300
+        while len(list((bench.directory / "tmp").glob("fleetctl-job-*/result.json"))) < tasks + singles + 1:
+            assert time.monotonic() < deadline, "launched jobs did not all finish"
+            time.sleep(0.2)
+    finally:
+        fleet.close()
+    return {"single_wall": statistics.median(walls[1:]), "single_cpu": statistics.median(cpus[1:]),
+            "array_wall": array_wall, "array_cpu": array_cpu, "ticks": ticks, "submit_s": submitted}
+
+
+def main_dispatch(hosts: int, tasks: int, singles: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="fleetctl-bench-dispatch-") as scratch:
+        bench = BenchFleet(Path(scratch), hosts, ports_per_sshd=4).up()
+        try:
+            row = measure_dispatch(bench, tasks, singles)
+        finally:
+            bench.down()
+    print(f"{hosts} hosts; dispatch of one queued job (median of {singles}) against an --array {tasks} sweep "
+          f"all queued (dispatched in {row['ticks']:.0f} tick(s); submitted in {row['submit_s']:.3f} s)")
+    print(f"{'per job':34}{'single':>12}{f'array {tasks}':>14}{'ratio':>9}")
+    for name, key in (("dispatch, wall (ms)", "wall"), ("dispatch, controller CPU (ms)", "cpu")):
+        single, array = row[f"single_{key}"] * 1000, row[f"array_{key}"] * 1000
+        print(f"{name:34}{single:12.2f}{array:14.2f}{array / single:8.2f}x")
 
 
 INVENTORY = '[[agents]]\nname = "bench"\nhostname = "127.0.0.1"\nssh_port = 1\n'  # submit needs an agent, never reaches it
@@ -134,9 +194,15 @@ def main() -> None:
     parser.add_argument("--baseline-jobs", type=int, default=20)
     parser.add_argument("--array", type=int, help="time `submit --array N` alone, on SQLite and PostgreSQL")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--dispatch", type=int, metavar="N",
+                        help="dispatch throughput: an --array N sweep all queued against single-job dispatches")
+    parser.add_argument("--singles", type=int, default=20, help="single-job dispatches timed with --dispatch")
     args = parser.parse_args()
     if args.array:
         main_array(args.array, args.repeat)
+        return
+    if args.dispatch:
+        main_dispatch(args.hosts, args.dispatch, args.singles)
         return
     with tempfile.TemporaryDirectory(prefix="fleetctl-bench-jobs-") as scratch:
         bench = BenchFleet(Path(scratch), args.hosts, ports_per_sshd=4).up()

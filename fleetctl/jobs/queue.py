@@ -20,7 +20,7 @@ from typing import Any
 
 from fleetctl._durations import utc
 from fleetctl.errors import JobError
-from fleetctl.jobs.model import FINAL_STATES, JobRecord, JobResult, JobSpec, JobState, SweepKind, SweepRecord, TaskRef
+from fleetctl.jobs.model import ACTIVE_STATES, FINAL_STATES, JobRecord, JobResult, JobSpec, JobState, SweepKind, SweepRecord, TaskRef
 from fleetctl.jobs.states import JobEvent, sources, target
 from fleetctl.store import Connection, Row, Store
 from fleetctl.store.leases import Fence, FenceSource
@@ -208,7 +208,8 @@ class JobQueue:
     # -- named transitions: each state change written once, as a compare-and-set ------------------
     def claim(self, job_id: str, agent: str, gpus: builtins.list[str], attempt: int) -> bool:
         """queued -> dispatching as ``attempt`` on ``agent``; False if someone else moved it first,
-        or is claiming it right now, or (fenced) this controller no longer holds ``agent``."""
+        or is claiming it right now, or (fenced) this controller no longer holds ``agent``, or (a task of
+        a sweep with ``--max-concurrent``) its sweep already has that many tasks dispatching or running."""
         fence = self.fence
         if fence is not None and not fence.holds(agent):
             return False
@@ -218,6 +219,8 @@ class JobQueue:
         # row read is the row written; on PostgreSQL the claiming transaction locks the row, and a
         # controller claiming the same job skips it.
         with self.store.transaction(serialized=False) as db:
+            if not self._under_cap(db, job_id):
+                return False
             if db.execute(self.store.for_claim("SELECT id FROM jobs WHERE id = ? AND state = 'queued' AND attempt = ?"),
                           (job_id, attempt - 1)).fetchone() is None:
                 return False
@@ -225,6 +228,21 @@ class JobQueue:
                 return False  # the lease row stays share-locked to commit: a takeover waits for it
             return self._write(db, job_id, sources("claim"), "attempt = ?", (attempt - 1,), "dispatching", agent,
                                {**fields, "state": target("claim")}, agent)
+
+    def _under_cap(self, db: Connection, job_id: str) -> bool:
+        """A task of a sweep with ``--max-concurrent``: may it be claimed, its sweep's active tasks
+        counted in the claim's own transaction? (A count taken at the tick let each extra controller
+        overshoot by one.) The claims of one capped sweep take turns on the sweep's row, locked before
+        the job's row as ``cancel_sweep`` locks them, so each counts what the one before committed."""
+        row = db.execute("SELECT s.id, s.max_concurrent FROM jobs j JOIN sweeps s ON s.id = j.parent WHERE j.id = ?",
+                         (job_id,)).fetchone()
+        if row is None or row[1] is None:
+            return True  # a single job, or a sweep without a cap
+        sweep_id, cap = row[0], int(row[1])
+        db.execute(self.store.for_update("SELECT id FROM sweeps WHERE id = ?"), (sweep_id,)).fetchone()
+        (active,) = db.execute(f"SELECT COUNT(*) FROM jobs WHERE parent = ? AND state IN ({','.join('?' * len(ACTIVE_STATES))})",
+                               (sweep_id, *ACTIVE_STATES)).fetchone()
+        return int(active) < cap
 
     def set_remote_dir(self, job_id: str, remote_dir: str, attempt: int) -> bool:
         """Where the dispatching ``attempt``'s files are, once ``mktemp -d`` made the directory."""

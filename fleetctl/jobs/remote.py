@@ -20,6 +20,7 @@ each heartbeat makes of such directories are host-level (``fleetctl/telemetry/jo
 from __future__ import annotations
 
 import shlex
+from typing import Literal, get_args
 
 from fleetctl.jobs.code.manifest import TREE_DIR as CODE_TREE  # a job with code runs in its own tree there
 from fleetctl.jobs.model import JobSpec, task_environment
@@ -139,3 +140,25 @@ def remove_command(remote_dir: str) -> str:
     if not DIR_PATTERN.search(remote_dir):  # never rm -rf anything but a job directory
         raise ValueError(f"refusing to remove {remote_dir!r}: not a fleetctl job directory")
     return f"rm -rf -- {shlex.quote(remote_dir)}"
+
+
+ProbeState = Literal["partial", "ready", "started"]
+
+
+def probe_command(job_id: str, attempt: int, agent: str) -> str:
+    """Where a dispatch of ``attempt`` got to, read from its directory (a restart or a takeover settles
+    a ``dispatching`` job by it): one line ``STATE DIR``, STATE being ``partial`` (made, files missing),
+    ``ready`` (job.json and run.sh there) or ``started`` (launched); nothing if no directory was made."""
+    pattern = f'"${{TMPDIR:-/tmp}}"/{dir_prefix(job_id, attempt, agent)}.*'
+    probe = (f"for d in {pattern}; do [ -d \"$d\" ] || continue; s=partial; "
+             '[ -f "$d/job.json" ] && [ -f "$d/run.sh" ] && s=ready; [ -d "$d/started" ] && s=started; '
+             'printf "%s %s\\n" "$s" "$d"; done')
+    return "sh -c " + shlex.quote(probe)
+
+
+def parse_probe(stdout: str) -> tuple[ProbeState, str] | None:
+    """The first directory :func:`probe_command` found, as (state, path); None if there is none."""
+    found = stdout.split()
+    if len(found) < 2 or found[0] not in get_args(ProbeState):
+        return None
+    return found[0], found[1]  # type: ignore[return-value]

@@ -108,6 +108,12 @@ class Store(abc.ABC):
         moves on)."""
 
     @abc.abstractmethod
+    def for_update(self, select: str) -> str:
+        """``select`` such that no other transaction can change, or lock for update, the rows it read
+        until this one ends; another that asks waits its turn (claims of one capped sweep's tasks
+        take turns on the sweep's row, so each counts what the others committed)."""
+
+    @abc.abstractmethod
     def for_share(self, select: str) -> str:
         """``select`` such that the rows it read cannot change until the transaction ends (a lease
         a write is fenced by: a takeover waits for the write to commit)."""

@@ -284,6 +284,9 @@ class PostgresStore(Store):
     def for_claim(self, select: str) -> str:
         return f"{select} FOR UPDATE SKIP LOCKED"
 
+    def for_update(self, select: str) -> str:
+        return f"{select} FOR UPDATE"
+
     def for_share(self, select: str) -> str:
         return f"{select} FOR SHARE"
 

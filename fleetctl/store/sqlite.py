@@ -182,6 +182,9 @@ class SQLiteStore(Store):
     def for_claim(self, select: str) -> str:
         return select
 
+    def for_update(self, select: str) -> str:
+        return select
+
     def for_share(self, select: str) -> str:
         return select
 

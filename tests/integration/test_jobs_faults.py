@@ -8,13 +8,14 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from fleetctl.fleet import Fleet
-from fleetctl.jobs.api import drive_once
+from fleetctl.jobs.api import cancel_job, drive_once
 from fleetctl.jobs.driver import no_controller_reason
 from fleetctl.jobs.queue import JobQueue
 from fleetctl.sandbox import HostSpec, Sandbox
@@ -173,3 +174,45 @@ def test_without_a_controller_submit_and_list_say_so(hosts: Sandbox, tmp_path: P
         fleet.drain("one", False)
     waited = run_cli("submit", "--wait", "--agent", "one", "--config", config, "--state-dir", state, "--", "true")
     assert waited.returncode == 0 and "no controller" not in waited.stderr
+
+
+class _CancelDuringLaunch:
+    """The host's real connection; its launch command's answer comes back only after ``cancel`` ran
+    (a `jobs cancel` recorded while the launch's round trip was in flight)."""
+
+    def __init__(self, conn: Any, cancel: Callable[[], object]) -> None:
+        self._conn, self._cancel = conn, cancel
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    def run(self, command: str, **options: Any) -> Any:
+        result = self._conn.run(command, **options)
+        if "already started" in command and self._cancel is not None:  # the launch step (fleetctl.jobs.remote)
+            self._cancel()
+            self._cancel = None  # type: ignore[assignment]
+        return result
+
+
+def test_a_cancel_recorded_while_the_launch_is_in_flight_stops_the_job(
+        hosts: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cancel finds the job ``dispatching`` (nobody signals it then) after the check before the
+    launch had passed: the job is signalled once it runs, never left running un-cancelled."""
+    with _fleet(hosts, tmp_path) as fleet:
+        job = fleet.submit(["sleep", "300"], agent="one")
+        real = fleet.hosts.connection
+        cancelled: list[str] = []
+
+        def cancel() -> None:
+            assert fleet.job(job.id).record.state == "dispatching"
+            cancelled.append(cancel_job(fleet.hosts, job.id).state)
+        monkeypatch.setattr(fleet.hosts, "connection", lambda agent: _CancelDuringLaunch(real(agent), cancel))
+        record = _drive_until(fleet, job.id, lambda r: r.state != "queued")
+        assert cancelled == ["dispatching"] and record.state == "running"
+        # Sent by the dispatch as soon as the job ran, or still marked (its process group was not
+        # written yet) for the next tick to send: never running with the cancel forgotten.
+        assert "cancel_sent" in _events(fleet, job.id) or record.cancel_requested
+        record = _drive_until(fleet, job.id, lambda r: r.done, timeout=30)  # `sleep 300` ends only if signalled
+        assert record.state == "cancelled" and record.result is not None and record.result.cancelled, record.reason
+        events = _events(fleet, job.id)
+        assert events.count("cancel_requested") == 1 and "cancel_sent" in events and "running" in events, events

@@ -77,6 +77,47 @@ def test_a_sweep_that_cannot_be_stored_leaves_nothing(make_store: Callable[[], S
     assert queue.list() == [] and queue.sweeps() == []
 
 
+def test_a_claim_refuses_a_task_once_its_sweep_runs_max_concurrent(make_store: Callable[[], Store]) -> None:
+    """The cap is the claim's own check, in its transaction: a caller that counted before (a tick of
+    another controller) cannot take one more."""
+    queue = JobQueue(make_store())
+    tasks = queue.tasks(queue.submit_sweep(JobSpec(command=["true"]), [{}] * 4, "array", max_concurrent=2).id)
+    free = queue.tasks(queue.submit_sweep(JobSpec(command=["true"]), [{}] * 3, "array").id)
+    single = queue.submit(JobSpec(command=["true"]))
+    assert queue.claim(tasks[0].id, "a", [], 1) and queue.claim(tasks[1].id, "b", [], 1)
+    assert not queue.claim(tasks[2].id, "c", [], 1) and queue.get(tasks[2].id).state == "queued"
+    assert all(queue.claim(t.id, "a", [], 1) for t in free) and queue.claim(single.id, "a", [], 1)  # no cap, no limit
+    assert queue.mark_running(tasks[0].id, "/tmp/x", attempt=1)
+    assert not queue.claim(tasks[2].id, "c", [], 1)  # running counts as dispatching does
+    assert queue.finish(tasks[0].id, "collect_succeeded", reason="exit code 0", attempt=1)
+    assert queue.claim(tasks[2].id, "c", [], 1) and not queue.claim(tasks[3].id, "c", [], 1)
+    assert queue.get_sweep(tasks[0].spec.task.parent).counts == {"succeeded": 1, "dispatching": 2, "queued": 1}  # type: ignore[union-attr]
+
+
+def _claim_at_once(start: threading.Barrier, won: list[bool], queue: JobQueue, task_id: str) -> None:
+    start.wait(timeout=30)
+    won.append(queue.claim(task_id, "a", [], 1))
+
+
+def test_controllers_claiming_at_once_never_overshoot_max_concurrent(make_store: Callable[[], Store]) -> None:
+    """Eight controllers (each its own store connection) claim eight tasks of a sweep capped at 3, all
+    at the same moment, in several rounds: exactly 3 claims win each round."""
+    queues = [JobQueue(make_store()) for _ in range(8)]
+    for _ in range(3):
+        sweep = queues[0].submit_sweep(JobSpec(command=["true"]), [{}] * 8, "array", max_concurrent=3)
+        tasks = queues[0].tasks(sweep.id)
+        start = threading.Barrier(len(queues))
+        won: list[bool] = []
+
+        threads = [threading.Thread(target=_claim_at_once, args=(start, won, q, t.id)) for q, t in zip(queues, tasks, strict=True)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert len(won) == 8 and won.count(True) == 3, won
+        assert queues[0].get_sweep(sweep.id).counts == {"dispatching": 3, "queued": 5}
+
+
 # -- against real sshd ---------------------------------------------------------------------------------
 def test_a_grid_sweep_runs_each_task_once_and_reads_back_as_a_table(three_hosts: Sandbox, tmp_path: Path) -> None:
     code = ("import json, os; job = json.load(open(os.environ['FLEETCTL_JOB_FILE'])); "
