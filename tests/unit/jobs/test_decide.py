@@ -1,4 +1,4 @@
-"""The runner's decisions (fleetctl.jobs.decide), table-driven: one row per case, inputs -> action."""
+"""The runner's decisions (fleetctl.jobs.runner.decide), table-driven: one row per case, inputs -> action."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from fleetctl.jobs.decide import Action, after_loss, decide, decide_directory, orphan_due
 from fleetctl.jobs.model import JobRecord, JobResult, JobSpec
+from fleetctl.jobs.runner.decide import Action, after_loss, decide, decide_directory, orphan_due
 from fleetctl.settings import ControllerSettings
 from fleetctl.telemetry.health import Health
 from fleetctl.telemetry.history import AgentStatus

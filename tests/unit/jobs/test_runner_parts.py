@@ -10,10 +10,10 @@ import pytest
 
 from fleetctl.fleet import Fleet
 from fleetctl.inventory.config import Agent, Inventory
-from fleetctl.jobs.context import RunnerContext
-from fleetctl.jobs.dispatch import Dispatcher
 from fleetctl.jobs.model import JobRecord, JobSpec
-from fleetctl.jobs.reconcile import reconcile
+from fleetctl.jobs.runner.context import RunnerContext
+from fleetctl.jobs.runner.dispatch import Dispatcher
+from fleetctl.jobs.runner.reconcile import reconcile
 from fleetctl.ssh.seam import CommandResult, Route
 from fleetctl.testing import Answer, ScriptedConnection
 

@@ -2,7 +2,7 @@
 over SFTP, then the detached launch, and the job marked running.
 
 Every step that changes the host is bound to the lease the claim was made under: a controller that
-lost it stops, and the lease's new holder settles the job with the host (:mod:`fleetctl.jobs.reconcile`).
+lost it stops, and the lease's new holder settles the job with the host (:mod:`fleetctl.jobs.runner.reconcile`).
 A dispatch that fails before the launch puts the job back in the queue (it started nowhere); a
 launch whose answer is lost leaves it ``dispatching`` for reconciliation (it never launches twice)."""
 
@@ -14,13 +14,13 @@ import logging
 from fleetctl._text import one_line
 from fleetctl.errors import CodeError, LeaseLost, TransportError
 from fleetctl.inventory.config import Agent
-from fleetctl.jobs import failpoints
-from fleetctl.jobs.cancels import signal
 from fleetctl.jobs.code.store import CodeStore
 from fleetctl.jobs.code.upload import send_code
-from fleetctl.jobs.context import RunnerContext
 from fleetctl.jobs.model import JobRecord
 from fleetctl.jobs.remote import LAUNCH_ALREADY_STARTED, gpu_environment, launch_command, make_dir_command, wrapper_script
+from fleetctl.jobs.runner import failpoints
+from fleetctl.jobs.runner.cancels import signal
+from fleetctl.jobs.runner.context import RunnerContext
 from fleetctl.ssh.seam import Connection
 from fleetctl.telemetry.outcomes import status_of
 from fleetctl.telemetry.snapshot import GpuSample

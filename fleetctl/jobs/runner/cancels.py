@@ -10,9 +10,9 @@ import logging
 
 from fleetctl._text import one_line
 from fleetctl.errors import TransportError
-from fleetctl.jobs.context import RunnerContext
 from fleetctl.jobs.model import ACTIVE_STATES, JobRecord
 from fleetctl.jobs.remote import cancel_command
+from fleetctl.jobs.runner.context import RunnerContext
 
 log = logging.getLogger("fleetctl.jobs")
 

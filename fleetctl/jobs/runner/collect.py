@@ -14,9 +14,9 @@ from pathlib import Path
 from fleetctl._durations import utc
 from fleetctl._text import one_line
 from fleetctl.errors import RemoteFileNotFound, TransportError
-from fleetctl.jobs.context import RunnerContext
 from fleetctl.jobs.model import ACTIVE_STATES, JobRecord, JobResult, JobState
 from fleetctl.jobs.remote import working_dir
+from fleetctl.jobs.runner.context import RunnerContext
 from fleetctl.jobs.states import collected
 from fleetctl.ssh.seam import Connection
 

@@ -2,14 +2,14 @@
 heartbeat's scan shows (collects finished jobs, marks lost ones), sends cancels, resolves
 dependencies, then places and dispatches queued jobs. Each of those is a part of its own:
 
-    fleetctl/jobs/decide.py      what to do about a job, from its record, its host's scan and health (pure)
-    fleetctl/jobs/observe.py     carrying those decisions out
-    fleetctl/jobs/collect.py     pulling a finished attempt's files and recording its end
-    fleetctl/jobs/cancels.py     delivering cancels
-    fleetctl/jobs/schedule.py    dependencies, --max-concurrent, placement and claims
-    fleetctl/jobs/dispatch.py    mkdir, upload, launch of one claimed job
-    fleetctl/jobs/reconcile.py   settling ``dispatching`` jobs with the host
-    fleetctl/jobs/remote.py      every shell fragment run on a host
+    fleetctl/jobs/runner/decide.py      what to do about a job, from its record, its host's scan and health (pure)
+    fleetctl/jobs/runner/observe.py     carrying those decisions out
+    fleetctl/jobs/runner/collect.py     pulling a finished attempt's files and recording its end
+    fleetctl/jobs/runner/cancels.py     delivering cancels
+    fleetctl/jobs/runner/schedule.py    dependencies, --max-concurrent, placement and claims
+    fleetctl/jobs/runner/dispatch.py    mkdir, upload, launch of one claimed job
+    fleetctl/jobs/runner/reconcile.py   settling ``dispatching`` jobs with the host
+    fleetctl/jobs/remote.py             every shell fragment run on a host
 
 The remote directory is the truth: a restarted controller reconciles every ``dispatching`` job
 with it, and the launch step refuses a directory that was already started, so no job starts twice
@@ -20,13 +20,13 @@ the job's and no retry runs. Directories of no current attempt are orphans, remo
 from __future__ import annotations
 
 from fleetctl.hosts.core import Hosts
-from fleetctl.jobs import cancels, reconcile
-from fleetctl.jobs.collect import Collector
-from fleetctl.jobs.context import RunnerContext
-from fleetctl.jobs.dispatch import Dispatcher
 from fleetctl.jobs.model import JobRecord
-from fleetctl.jobs.observe import Observer
-from fleetctl.jobs.schedule import Scheduler, resolve_dependencies
+from fleetctl.jobs.runner import cancels, reconcile
+from fleetctl.jobs.runner.collect import Collector
+from fleetctl.jobs.runner.context import RunnerContext
+from fleetctl.jobs.runner.dispatch import Dispatcher
+from fleetctl.jobs.runner.observe import Observer
+from fleetctl.jobs.runner.schedule import Scheduler, resolve_dependencies
 from fleetctl.store.leases import FenceSource
 from fleetctl.telemetry.history import agent_statuses
 

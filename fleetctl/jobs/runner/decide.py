@@ -69,7 +69,7 @@ def _active(job: JobRecord, status: AgentStatus | None, now: float) -> Action:
         return Action("lose", f"agent {job.agent} went offline")
     snap = status.snapshot
     if snap is None or not scan_valid(snap) or job.remote_dir is None or job.state != "running":
-        return NOTHING  # a dispatching job is reconcile's (fleetctl.jobs.reconcile)
+        return NOTHING  # a dispatching job is reconcile's (fleetctl.jobs.runner.reconcile)
     seen = snap.job_dirs.get(job.remote_dir)
     started = job.started.timestamp() if job.started is not None else None
     fresh = started is not None and snap.timestamp.timestamp() > started + 1  # the scan was taken after the launch

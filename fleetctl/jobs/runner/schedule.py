@@ -11,11 +11,11 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fleetctl.jobs.context import RunnerContext
-from fleetctl.jobs.dispatch import Dispatcher
 from fleetctl.jobs.model import ACTIVE_STATES, JobRecord, SweepRecord
 from fleetctl.jobs.placement import Candidate, concurrency_cap, never_satisfiable, place, waiting_reason
 from fleetctl.jobs.queue import JobQueue
+from fleetctl.jobs.runner.context import RunnerContext
+from fleetctl.jobs.runner.dispatch import Dispatcher
 from fleetctl.telemetry.history import AgentStatus
 
 

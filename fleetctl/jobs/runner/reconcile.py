@@ -10,9 +10,9 @@ import logging
 from fleetctl._text import one_line
 from fleetctl.errors import TransportError
 from fleetctl.inventory.config import Agent
-from fleetctl.jobs.context import RunnerContext
 from fleetctl.jobs.model import JobRecord
 from fleetctl.jobs.remote import LAUNCH_ALREADY_STARTED, launch_command, parse_probe, probe_command
+from fleetctl.jobs.runner.context import RunnerContext
 
 log = logging.getLogger("fleetctl.jobs")
 

@@ -1,5 +1,5 @@
 """Acting on what each agent's latest heartbeat scan says about job directories: each job, and each
-scanned directory, gets the action :mod:`fleetctl.jobs.decide` picks for it, carried out here through
+scanned directory, gets the action :mod:`fleetctl.jobs.runner.decide` picks for it, carried out here through
 the queue's transitions, the collector and the host.
 
 Three passes, in this order: the active jobs; the provisionally lost ones (a job lost by the first
@@ -11,10 +11,10 @@ import logging
 import time
 
 from fleetctl.errors import JobError
-from fleetctl.jobs.collect import Collector
-from fleetctl.jobs.context import RunnerContext
-from fleetctl.jobs.decide import Action, after_loss, decide, decide_directory, orphan_due, scan_valid
 from fleetctl.jobs.model import ACTIVE_STATES, JobRecord
+from fleetctl.jobs.runner.collect import Collector
+from fleetctl.jobs.runner.context import RunnerContext
+from fleetctl.jobs.runner.decide import Action, after_loss, decide, decide_directory, orphan_due, scan_valid
 from fleetctl.telemetry.history import AgentStatus
 from fleetctl.telemetry.jobdirs import RemoteJobDir, parse_scan_line
 
