@@ -7,6 +7,8 @@ The heartbeat script ends with, where ``nvidia-smi`` is on the PATH, two more pa
   spelling, else the old one) and queries them in the same exec, and the answer's CSV header tells the
   controller which it got. It remembers them per host, in memory (:class:`HostMemory`); later beats ask
   for exactly those, with no help text sent. ``driver_version`` rides along, so a new driver relearns.
+* on an AMD host (``amd-smi`` on the PATH, no ``nvidia-smi``), amd-smi's ECC, PCIe and bad pages instead
+  (:mod:`fleetctl.telemetry.health_amd`), judged by the same table.
 * the kernel log from the host's journal cursor (remembered in the store, so a cron heartbeat from
   cold goes on from it): only new lines come back, and a beat with nothing new costs no more than an
   empty answer in the exec that was running anyway.
@@ -26,6 +28,8 @@ from dataclasses import asdict, dataclass, field
 
 from fleetctl.errors import ParseError
 from fleetctl.telemetry.gpu_health import Rule, judge
+from fleetctl.telemetry.health_amd import TOOL as AMD_TOOL
+from fleetctl.telemetry.health_amd import amd_health_query, is_amd_answer, read_amd
 from fleetctl.telemetry.parsers.findings import Finding, clip
 from fleetctl.telemetry.parsers.nvidia_health import (
     BUSY_PCT,
@@ -83,6 +87,7 @@ class HostMemory:
     driver_version: str | None = None
     buses: Mapping[str, int] = field(default_factory=dict)  # bus id -> index, as last seen
     cursor: str | None = None               # the kernel log cursor
+    tool: str | None = None                 # the tool that answered health: nvidia-smi, amd-smi (None: not known yet)
 
 
 def _learning_query() -> str:
@@ -95,13 +100,14 @@ def _learning_query() -> str:
 
 
 def health_script(memory: HostMemory | None) -> str:
-    """The part of the heartbeat script that reads GPU health; empty where nvidia-smi is absent."""
+    """The part of the heartbeat script that reads GPU health; it prints nothing where neither nvidia-smi
+    nor amd-smi is on the PATH."""
     memory = memory or HostMemory()
-    return _health_script(memory.fields, memory.cursor)
+    return _health_script(memory.fields, memory.cursor, memory.tool)
 
 
 @functools.lru_cache(maxsize=1024)
-def _health_script(fields: tuple[str, ...] | None, cursor: str | None) -> str:
+def _health_script(fields: tuple[str, ...] | None, cursor: str | None, tool: str | None = None) -> str:
     query = _learning_query() if fields is None else f"nvidia-smi --query-gpu={','.join(fields)} --format=csv,nounits 2>&1"
     remap = ""
     if fields is not None and len(fields) > len(IDENTITY_FIELDS) + 1 and needs_remapped_rows_query(fields):
@@ -110,9 +116,18 @@ def _health_script(fields: tuple[str, ...] | None, cursor: str | None) -> str:
         remap = (f"printf '\\n{REMAP_MARK}\\n'; nvidia-smi --query-remapped-rows={','.join(REMAPPED_ROWS_FIELDS)} "
                  "--format=csv,nounits 2>&1; ")
     journal = kernel_log_command(cursor, JOURNAL_LINES)
+    # A host known to answer one tool is asked that one only; a host not known yet, whichever it has.
+    if tool == AMD_TOOL:
+        branches = [(AMD_TOOL, amd_health_query())]
+    elif fields is not None:
+        branches = [("nvidia-smi", f"{query}; {remap}".rstrip("; "))]
+    else:
+        branches = [("nvidia-smi", f"{query}; {remap}".rstrip("; ")), (AMD_TOOL, amd_health_query())]
+    present = " || ".join(f"command -v {name} >/dev/null 2>&1" for name, _ in branches)
+    asked = "; el".join(f"if command -v {name} >/dev/null 2>&1; then {part}" for name, part in branches) + "; fi"
     # Gathered, then printed in one write: each separate write would be an SSH packet of its own, and
     # packets, not bytes, are what a beat costs the controller.
-    return (f"if command -v nvidia-smi >/dev/null 2>&1; then h=$({query}; {remap}"
+    return (f"if {present}; then h=$({asked}; "
             f"printf '\\n{JOURNAL_MARK}\\n'; {journal}); printf '\\n{HEALTH_MARK}\\n%s\\n' \"$h\"; fi")
 
 
@@ -156,7 +171,7 @@ def read_health(text: str, memory: HostMemory | None, gpus: Sequence[GpuSample],
                         last_xid=last_xid.get(i), missing=i in missing) for i, v in verdict.gpus.items()],
         host_reasons=list(verdict.host.reasons), findings=[HealthFinding(**asdict(f)) for f in findings],
         fields=list(parsed.fields), driver_version=parsed.driver, buses=dict(parsed.buses) or dict(memory.buses),
-        journal_cursor=scan.cursor or memory.cursor, journal_problem=scan.problem)
+        journal_cursor=scan.cursor or memory.cursor, journal_problem=scan.problem, tool=parsed.tool or memory.tool)
 
 
 @dataclass(frozen=True)
@@ -166,12 +181,17 @@ class _Parsed:
     driver: str | None
     buses: tuple[tuple[str, int], ...]
     values: tuple[tuple[int, tuple[float | None, ...]], ...]
+    tool: str | None = None
 
 
 @functools.lru_cache(maxsize=512)
 def _parse_readings(health_text: str, remap_text: str | None, known_buses: tuple[tuple[str, int], ...],
                     busy: tuple[int, ...]) -> _Parsed:
     """The health query's answer -> findings and values; remembered, as a healthy host repeats itself."""
+    if is_amd_answer(health_text):
+        amd = read_amd(health_text, known_buses)
+        values = tuple((index, tuple(found.get(attribute) for _, attribute, _ in DCGM_FIELDS)) for index, found in amd.values)
+        return _Parsed(amd.findings, (), None, amd.buses, values, AMD_TOOL)
     findings: list[Finding] = []
     try:
         readings = list(parse_health_cached(health_text.strip("\n")))
@@ -190,7 +210,7 @@ def _parse_readings(health_text: str, remap_text: str | None, known_buses: tuple
     driver = next((r.raw.get(DRIVER_FIELD) for r in readings if r.raw.get(DRIVER_FIELD)), None)
     buses = tuple((r.bus_id, r.index) for r in readings if r.bus_id and r.index is not None)
     values = tuple((r.index, _values(r)) for r in readings if r.index is not None)
-    return _Parsed(tuple(findings), fields, driver, buses, values)
+    return _Parsed(tuple(findings), fields, driver, buses, values, "nvidia-smi")
 
 
 @functools.lru_cache(maxsize=1024)
@@ -205,17 +225,19 @@ def _calm_report(text: str, buses_key: tuple[tuple[str, int], ...], busy: tuple[
     values = dict(parsed.values)
     return GpuHealthReport(
         gpus=[GpuHealth(index=i, bus_id=bus_of.get(i), values=list(values.get(i, ()))) for i in sorted(set(indices) | set(bus_of))],
-        fields=list(parsed.fields), driver_version=parsed.driver, buses=dict(parsed.buses), journal_cursor=cursor)
+        fields=list(parsed.fields), driver_version=parsed.driver, buses=dict(parsed.buses), journal_cursor=cursor,
+        tool=parsed.tool)
 
 
 def remembered(report: GpuHealthReport, before: HostMemory | None) -> HostMemory:
     """What to remember of a host after a beat: a new driver (or fields not learned) means relearning."""
     before = before or HostMemory()
     if (before.fields is not None and report.fields == list(before.fields) and report.buses == before.buses
-            and report.journal_cursor == before.cursor and report.driver_version == before.driver_version):
+            and report.journal_cursor == before.cursor and report.driver_version == before.driver_version
+            and report.tool == before.tool):
         return before  # the common beat: nothing new to remember
     learned = tuple(report.fields) if len(report.fields) > len(IDENTITY_FIELDS) else None
     if before.driver_version and report.driver_version and report.driver_version != before.driver_version:
         learned = None  # a new driver may know new fields: the next beat asks its help again
     return HostMemory(learned, report.driver_version or before.driver_version, dict(report.buses),
-                      report.journal_cursor or before.cursor)
+                      report.journal_cursor or before.cursor, report.tool or before.tool)

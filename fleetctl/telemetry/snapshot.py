@@ -102,6 +102,7 @@ class GpuHealthReport(BaseModel):
     buses: dict[str, int] = Field(default_factory=dict, exclude=True)  # bus id -> GPU index, for a vanished GPU
     journal_cursor: Optional[str] = None  # where the next kernel log read starts (None: keep the last one)
     journal_problem: Optional[str] = None  # one line: why the kernel log is not readable
+    tool: Optional[str] = Field(default=None, exclude=True)  # the tool that answered: nvidia-smi or amd-smi
 
     def of(self, index: int) -> Optional[GpuHealth]:
         return next((g for g in self.gpus if g.index == index), None)
