@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 
 from fleetctl.errors import ParseError
+from fleetctl.telemetry.bounded import BOUNDED, HUNG_EXIT, hung_note
 from fleetctl.telemetry.parsers.amd_health import (
     BAD_PAGES_COMMAND,
     METRIC_COMMAND,
@@ -38,11 +39,13 @@ TOOL = "amd-smi"
 _GENERATIONS = {2.5: 1, 5.0: 2, 8.0: 3, 16.0: 4, 32.0: 5, 64.0: 6}
 
 
-def amd_health_query(bounded: str = "") -> str:
-    """Shell printing the three answers behind their markers (``bounded``: the prefix that runs a tool
-    with a deadline, empty for none)."""
-    return (f"printf '{AMD_MARK}\\n'; {bounded}{METRIC_COMMAND} 2>&1; printf '\\n{STATIC_MARK}\\n'; "
-            f"{bounded}{STATIC_COMMAND} 2>&1; printf '\\n{PAGES_MARK}\\n'; {bounded}{BAD_PAGES_COMMAND} 2>&1")
+def amd_health_query() -> str:
+    """Shell printing the three answers behind their markers, each call bounded; after a call that hung,
+    amd-smi is not asked again this beat (fleetctl.telemetry.bounded)."""
+    return (f"printf '{AMD_MARK}\\n'; {BOUNDED}{METRIC_COMMAND} 2>&1; r=$?; "
+            f"if [ \"$r\" != {HUNG_EXIT} ]; then printf '\\n{STATIC_MARK}\\n'; {BOUNDED}{STATIC_COMMAND} 2>&1; r=$?; fi; "
+            f"if [ \"$r\" != {HUNG_EXIT} ]; then printf '\\n{PAGES_MARK}\\n'; {BOUNDED}{BAD_PAGES_COMMAND} 2>&1; r=$?; fi; "
+            + hung_note(TOOL))
 
 
 def is_amd_answer(text: str) -> bool:

@@ -24,9 +24,10 @@ import contextlib
 import functools
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from fleetctl.errors import ParseError
+from fleetctl.telemetry.bounded import BOUNDED, HUNG_EXIT, HUNG_MARK, hung_note
 from fleetctl.telemetry.gpu_health import Rule, judge
 from fleetctl.telemetry.health_amd import TOOL as AMD_TOOL
 from fleetctl.telemetry.health_amd import amd_health_query, is_amd_answer, read_amd
@@ -93,38 +94,42 @@ class HostMemory:
 def _learning_query() -> str:
     """Shell that picks the health fields this driver knows from its help, then queries them."""
     pairs = " ".join(f"{new}/{old or new}" for new, old in (*HEALTH_FIELDS, (DRIVER_FIELD, None)))
-    return ("h=$(nvidia-smi --help-query-gpu 2>/dev/null); q=" + ",".join(IDENTITY_FIELDS) + "; "
+    return (f"h=$({BOUNDED}nvidia-smi --help-query-gpu 2>/dev/null); q=" + ",".join(IDENTITY_FIELDS) + "; "
             f"for p in {pairs}; do n=${{p%/*}}; o=${{p#*/}}; "
             'case "$h" in *"\\"$n\\""*) q="$q,$n";; *"\\"$o\\""*) q="$q,$o";; esac; done; '
-            'nvidia-smi --query-gpu="$q" --format=csv,nounits 2>&1')
+            f'{BOUNDED}nvidia-smi --query-gpu="$q" --format=csv,nounits 2>&1')
 
 
 def health_script(memory: HostMemory | None) -> str:
     """The part of the heartbeat script that reads GPU health; it prints nothing where neither nvidia-smi
-    nor amd-smi is on the PATH."""
+    nor amd-smi is on the PATH. Every tool runs bounded (:mod:`fleetctl.telemetry.bounded`): after the
+    GPU query hung (``$rc``, the heartbeat script's) no tool is asked, only the kernel log is read."""
     memory = memory or HostMemory()
     return _health_script(memory.fields, memory.cursor, memory.tool)
 
 
 @functools.lru_cache(maxsize=1024)
 def _health_script(fields: tuple[str, ...] | None, cursor: str | None, tool: str | None = None) -> str:
-    query = _learning_query() if fields is None else f"nvidia-smi --query-gpu={','.join(fields)} --format=csv,nounits 2>&1"
+    query = _learning_query() if fields is None else f"{BOUNDED}nvidia-smi --query-gpu={','.join(fields)} --format=csv,nounits 2>&1"
     remap = ""
     if fields is not None and len(fields) > len(IDENTITY_FIELDS) + 1 and needs_remapped_rows_query(fields):
         # R460..R535 know row remapping only through --query-remapped-rows; a driver older still refuses
         # it, and that refusal costs only the remap fields (see _parse_readings).
-        remap = (f"printf '\\n{REMAP_MARK}\\n'; nvidia-smi --query-remapped-rows={','.join(REMAPPED_ROWS_FIELDS)} "
-                 "--format=csv,nounits 2>&1; ")
+        remap = (f"if [ \"$r\" != {HUNG_EXIT} ]; then printf '\\n{REMAP_MARK}\\n'; {BOUNDED}nvidia-smi "
+                 f"--query-remapped-rows={','.join(REMAPPED_ROWS_FIELDS)} --format=csv,nounits 2>&1; r=$?; fi; ")
+    nvidia = f"{query}; r=$?; {remap}{hung_note('nvidia-smi')}"
     journal = kernel_log_command(cursor, JOURNAL_LINES)
     # A host known to answer one tool is asked that one only; a host not known yet, whichever it has.
     if tool == AMD_TOOL:
         branches = [(AMD_TOOL, amd_health_query())]
     elif fields is not None:
-        branches = [("nvidia-smi", f"{query}; {remap}".rstrip("; "))]
+        branches = [("nvidia-smi", nvidia)]
     else:
-        branches = [("nvidia-smi", f"{query}; {remap}".rstrip("; ")), (AMD_TOOL, amd_health_query())]
-    present = " || ".join(f"command -v {name} >/dev/null 2>&1" for name, _ in branches)
-    asked = "; el".join(f"if command -v {name} >/dev/null 2>&1; then {part}" for name, part in branches) + "; fi"
+        branches = [("nvidia-smi", nvidia), (AMD_TOOL, amd_health_query())]
+    hung = f'[ "$rc" = {HUNG_EXIT} ]'
+    present = " || ".join([hung, *(f"command -v {name} >/dev/null 2>&1" for name, _ in branches)])
+    asked = f"if {hung}; then printf '{HUNG_MARK} %s\\n' \"$t\"; " + "".join(
+        f"elif command -v {name} >/dev/null 2>&1; then {part}; " for name, part in branches) + "fi"
     # Gathered, then printed in one write: each separate write would be an SSH packet of its own, and
     # packets, not bytes, are what a beat costs the controller.
     return (f"if {present}; then h=$({asked}; "
@@ -158,6 +163,8 @@ def read_health(text: str, memory: HostMemory | None, gpus: Sequence[GpuSample],
     if not scan.readable:
         findings.append(Finding("journal_unreadable", detail=scan.problem or ""))
     all_indices = sorted(set(indices) | {i for _, i in parsed.buses})
+    if any(f.kind == "tool_hung" for f in findings):  # the GPUs it had are unknown, never healthy, never gone
+        all_indices = sorted(set(all_indices) | set(memory.buses.values()))
     verdict = judge(findings, now=now, gpus=all_indices, table=table)
     bus_of = {index: bus for bus, index in (*memory.buses.items(), *parsed.buses)}
     missing = {f.gpu for f in findings if f.kind == "gpu_missing"}
@@ -187,7 +194,23 @@ class _Parsed:
 @functools.lru_cache(maxsize=512)
 def _parse_readings(health_text: str, remap_text: str | None, known_buses: tuple[tuple[str, int], ...],
                     busy: tuple[int, ...]) -> _Parsed:
-    """The health query's answer -> findings and values; remembered, as a healthy host repeats itself."""
+    """The health query's answer -> findings and values; remembered, as a healthy host repeats itself.
+    A tool that hung (its line behind HUNG_MARK) is ``tool_hung``: what it printed before is read, but a
+    GPU it did not list is not missing, and its silence is no ``health_unreadable``."""
+    hung = [line for line in f"{health_text}\n{remap_text or ''}".split("\n") if line.startswith(HUNG_MARK)]
+    if not hung:
+        return _parse_answers(health_text, remap_text, known_buses, busy)
+    def answered(text: str) -> str:
+        return "\n".join(line for line in text.split("\n") if not line.startswith(HUNG_MARK))
+    health_text, remap_text = answered(health_text), None if remap_text is None else answered(remap_text)
+    parsed = _parse_answers(health_text, remap_text, (), busy) if health_text.strip() else _Parsed((), (), None, (), ())
+    tool = hung[0].removeprefix(HUNG_MARK).strip() or "the GPU tool"
+    kept = tuple(f for f in parsed.findings if f.kind not in ("health_unreadable", "gpu_missing"))
+    return replace(parsed, findings=(*kept, Finding("tool_hung", detail=clip(tool))))
+
+
+def _parse_answers(health_text: str, remap_text: str | None, known_buses: tuple[tuple[str, int], ...],
+                   busy: tuple[int, ...]) -> _Parsed:
     if is_amd_answer(health_text):
         amd = read_amd(health_text, known_buses)
         values = tuple((index, tuple(found.get(attribute) for _, attribute, _ in DCGM_FIELDS)) for index, found in amd.values)
@@ -202,8 +225,9 @@ def _parse_readings(health_text: str, remap_text: str | None, known_buses: tuple
             with contextlib.suppress(ParseError):
                 readings = merge_remapped_rows(readings, list(parse_health_cached(remap_text.strip("\n"))))
         findings += findings_of(readings, dict.fromkeys(busy, 100.0))
-        findings += missing_gpus(dict(known_buses), readings)
-        if not readings:
+        if readings:  # a tool that lists nothing failed: its GPUs are unknown, not all missing
+            findings += missing_gpus(dict(known_buses), readings)
+        else:
             findings.append(Finding("health_unreadable", detail=clip(health_text.strip()[:200]) or "no answer"))
     except ParseError as exc:
         return _Parsed((Finding("health_unreadable", detail=clip(str(exc))),), (), None, (), ())

@@ -218,3 +218,26 @@ def test_an_amd_gpu_is_read_through_amd_smi_quarantined_and_cleared(sick_amd: Sa
             assert fleet.job(job.id).record.state != "queued"
     finally:
         sick_amd.write_host_state("sick-amd", healthy)
+
+
+def test_a_hung_tool_is_stopped_on_the_host_the_host_stays_online_and_its_gpus_read_unknown(sick: Sandbox,
+                                                                                          fleet: Fleet) -> None:
+    _break(sick, mode="hung", hang_s=60)
+    started = time.monotonic()
+    snap = fleet.hosts.heartbeat().snapshots[0]
+    took = time.monotonic() - started
+    agent = fleet.inventory.get("sick")
+    assert took < agent.command_timeout_s, took  # bounded on the host: the beat never reaches its timeout
+    assert snap.status == "ok" and snap.gpus == [] and "did not answer within" in (snap.error or ""), snap
+    assert snap.gpu_health is not None and [g.state for g in snap.gpu_health.gpus] == ["unknown", "unknown"]
+    assert any("GPU tool did not answer" in r for r in snap.gpu_health.host_reasons), snap.gpu_health
+    shown = json.loads(_cli(fleet, "agents", "show", "sick", "--json"))
+    assert shown["health"] == "online" and [g["state"] for g in shown["gpu_health"]] == ["unknown", "unknown"], shown
+    assert _metrics(fleet)[("fleetctl_gpu_health", (("gpu", "1"), ("state", "unknown")))] == 1.0
+    job = fleet.submit("true", gpus=1, agent="sick")
+    drive_once(fleet.hosts)
+    assert fleet.job(job.id).record.state == "queued"  # no GPU is placed on while the tool does not answer
+
+    _break(sick, mode="ok")
+    again = fleet.hosts.heartbeat().snapshots[0]
+    assert again.gpu_health is not None and [g.state for g in again.gpu_health.gpus] == ["ok", "ok"], again

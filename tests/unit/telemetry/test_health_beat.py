@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fleetctl.telemetry.bounded import HUNG_MARK
 from fleetctl.telemetry.health_amd import AMD_MARK, PAGES_MARK, STATIC_MARK
 from fleetctl.telemetry.health_beat import DCGM_FIELDS, HEALTH_MARK, JOURNAL_MARK, HostMemory, health_script, read_health, remembered
 from fleetctl.telemetry.snapshot import GpuSample
@@ -117,3 +118,15 @@ def test_the_real_mi300x_static_capture_gives_bus_ids_behind_its_banner() -> Non
     report = read_health(amd_answer(static=real.read_text()), None, AMD_GPUS, None)
     assert report.buses == {"0000:1b:00": 0, "0000:3d:00": 1}  # the GPUs metric answered for, by their real bus ids
     assert report.gpus[1].values[15] == 16.0  # DCGM_FI_DEV_PCIE_MAX_LINK_WIDTH from the real capture
+
+
+def test_a_health_call_that_hung_is_tool_hung_its_gpus_unknown_and_none_missing() -> None:
+    metric = (HEALTH / "amd_smi_metric_ecc_pcie_rocm7.json").read_text()
+    memory = HostMemory(buses={"0000:1b:00": 0, "0000:3d:00": 1}, tool="amd-smi")
+    text = f"{AMD_MARK}\n{metric}\n{STATIC_MARK}\n\n{HUNG_MARK} amd-smi\n{JOURNAL_MARK}\n"
+    report = read_health(text, memory, AMD_GPUS[:2], None)
+    assert report.gpus[0].state == "unknown" and report.gpus[1].state == "failed"  # what metric said still counts
+    assert not any(f.kind == "gpu_missing" for f in report.findings)
+    assert report.host_reasons == ["host: GPU tool did not answer (amd-smi)"]
+    nvidia = read_health(f"{HEADER}\n{HUNG_MARK} nvidia-smi\n{JOURNAL_MARK}\n", HostMemory(buses={"0000:01:00": 0}), [], None)
+    assert [(g.index, g.state, g.missing) for g in nvidia.gpus] == [(0, "unknown", False)]
