@@ -392,7 +392,8 @@ def amd_smi(spec: Spec, args: list[str]) -> int:
     gpus: list[dict[str, Any]] = []
     for position, i in enumerate(shown):
         state, busy = amd_state(spec, i), i in spec.get("busy", [])
-        bdf = f"0000:{0x1b + i * 0x22:02x}:00.0"
+        # "bus_ids": false plays an amd-smi that cannot read them (a vanished GPU is then found by the count).
+        bdf = f"0000:{0x1b + i * 0x22:02x}:00.0" if spec.get("bus_ids", True) else "N/A"
         if command == "bad-pages":
             gpus.append({"gpu": position, "retired": _pages(state["retired"], "RESERVED", 0x7FC58000),
                          "pending": _pages(state["pending"], "PENDING", 0x8A140000), "un_res": "No bad pages found."})

@@ -45,6 +45,7 @@ from fleetctl.telemetry.parsers.nvidia_health import (
     parse_health_cached,
 )
 from fleetctl.telemetry.parsers.xid import kernel_log_command, parse_kernel_log
+from fleetctl.telemetry.quarantine import REBOOT_SLACK_S
 from fleetctl.telemetry.snapshot import GpuHealth, GpuHealthReport, GpuSample, HealthFinding
 
 HEALTH_MARK = "\x1efleetctl-health"
@@ -89,6 +90,8 @@ class HostMemory:
     buses: Mapping[str, int] = field(default_factory=dict)  # bus id -> index, as last seen
     cursor: str | None = None               # the kernel log cursor
     tool: str | None = None                 # the tool that answered health: nvidia-smi, amd-smi (None: not known yet)
+    count: int | None = None                # the most GPUs seen since the host booted (for a host without bus ids)
+    booted: float | None = None             # when the host booted, as last seen (epoch s)
 
 
 def _learning_query() -> str:
@@ -142,22 +145,41 @@ def _sections(text: str) -> tuple[str, str | None, str]:
     return health, remap if marker else None, journal
 
 
+def _counted(memory: HostMemory, gpus: Sequence[GpuSample], booted: float | None) -> tuple[int | None, float | None, Finding | None]:
+    """The GPU count to remember, the boot time, and ``gpu_missing`` for the host when fewer GPUs answer
+    than it had since it booted and no bus id says which one is gone. A reboot starts the count again."""
+    known = memory.count
+    rebooted = booted is not None and memory.booted is not None and booted > memory.booted + REBOOT_SLACK_S
+    if rebooted:
+        known = None
+    keep_booted = booted if memory.booted is None or rebooted else memory.booted
+    if not gpus:  # nothing answered (a hung tool): nothing to count
+        return known, keep_booted, None
+    count = len(gpus)
+    short = None
+    if known is not None and count < known and not memory.buses:
+        short = Finding("gpu_missing", value=float(known - count), detail=f"{count} of {known} GPUs answer")
+    return max(count, known or 0), keep_booted, short
+
+
 def read_health(text: str, memory: HostMemory | None, gpus: Sequence[GpuSample], table: Mapping[str, Rule] | None,
-                now: float | None = None) -> GpuHealthReport:
-    """The health part's output (after its marker) -> this beat's report. Never raises on any text."""
+                now: float | None = None, booted: float | None = None) -> GpuHealthReport:
+    """The health part's output (after its marker) -> this beat's report. Never raises on any text.
+    ``booted``: when the host booted (epoch s), for the GPU count (see :func:`_counted`)."""
     memory = memory or HostMemory()
     busy = tuple(g.index for g in gpus if g.index is not None and (g.utilization_gpu_pct or 0) >= BUSY_PCT)
     indices = tuple(g.index for g in gpus if g.index is not None)
     buses_key = tuple(memory.buses.items())
+    count, booted, short = _counted(memory, gpus, booted)
     # The common beat: a healthy host, nothing new in its journal. The same text gives the same report,
     # so it is built once (a copy is handed out: the store's quarantine pass replaces its lists).
-    calm = _calm_report(text, buses_key, busy, indices, memory.cursor)
+    calm = _calm_report(text, buses_key, busy, indices, memory.cursor) if short is None else None
     if calm is not None:
-        return calm.model_copy()
+        return calm.model_copy(update={"gpu_count": count, "booted": booted})
     health_text, remap_text, journal_text = _sections(text)
     parsed = _parse_readings(health_text, remap_text, buses_key, busy)
     now = time.time() if now is None else now
-    findings = list(parsed.findings)
+    findings = list(parsed.findings) + ([short] if short is not None else [])
     scan = parse_kernel_log(journal_text, dict(parsed.buses) or dict(memory.buses), max_lines=JOURNAL_LINES)
     findings += scan.findings
     if not scan.readable:
@@ -178,7 +200,8 @@ def read_health(text: str, memory: HostMemory | None, gpus: Sequence[GpuSample],
                         last_xid=last_xid.get(i), missing=i in missing) for i, v in verdict.gpus.items()],
         host_reasons=list(verdict.host.reasons), findings=[HealthFinding(**asdict(f)) for f in findings],
         fields=list(parsed.fields), driver_version=parsed.driver, buses=dict(parsed.buses) or dict(memory.buses),
-        journal_cursor=scan.cursor or memory.cursor, journal_problem=scan.problem, tool=parsed.tool or memory.tool)
+        journal_cursor=scan.cursor or memory.cursor, journal_problem=scan.problem, tool=parsed.tool or memory.tool,
+        gpu_count=count, booted=booted)
 
 
 @dataclass(frozen=True)
@@ -258,10 +281,10 @@ def remembered(report: GpuHealthReport, before: HostMemory | None) -> HostMemory
     before = before or HostMemory()
     if (before.fields is not None and report.fields == list(before.fields) and report.buses == before.buses
             and report.journal_cursor == before.cursor and report.driver_version == before.driver_version
-            and report.tool == before.tool):
+            and report.tool == before.tool and report.gpu_count == before.count and report.booted == before.booted):
         return before  # the common beat: nothing new to remember
     learned = tuple(report.fields) if len(report.fields) > len(IDENTITY_FIELDS) else None
     if before.driver_version and report.driver_version and report.driver_version != before.driver_version:
         learned = None  # a new driver may know new fields: the next beat asks its help again
     return HostMemory(learned, report.driver_version or before.driver_version, dict(report.buses),
-                      report.journal_cursor or before.cursor, report.tool or before.tool)
+                      report.journal_cursor or before.cursor, report.tool or before.tool, report.gpu_count, report.booted)

@@ -123,8 +123,9 @@ def snapshot_from_result(agent: Agent, result: CommandResult, latency_ms: float,
         exit_code = int(rc_text.strip())
     except ValueError:
         exit_code = result.exit_code
+    booted = stamp.timestamp() - basics.uptime_s if basics.uptime_s is not None else None
     if exit_code == HUNG_EXIT:  # the tool hung and was stopped on the host: reachable, GPUs unknown
-        health = read_health(health_text, memory, [], table, stamp.timestamp()) if health_marker else None
+        health = read_health(health_text, memory, [], table, stamp.timestamp(), booted) if health_marker else None
         return snapshot("ok", host=basics, gpu_health=health,
                         error=f"{tool_of(command) or 'the GPU query'} did not answer within "
                               f"{tool_timeout_s(agent.command_timeout_s)} s: its GPUs are unknown")
@@ -135,7 +136,7 @@ def snapshot_from_result(agent: Agent, result: CommandResult, latency_ms: float,
     except FleetError as exc:
         return snapshot(status_of(exc), host=basics, error=one_line(str(exc)))
     gpus = [_valid_sample(gpu) for gpu in gpus]
-    health = read_health(health_text, memory, gpus, table, stamp.timestamp()) if health_marker and gpus else None
+    health = read_health(health_text, memory, gpus, table, stamp.timestamp(), booted) if health_marker and gpus else None
     return snapshot("ok" if gpus else "no_gpus", gpus=gpus, host=basics, gpu_health=health)
 
 

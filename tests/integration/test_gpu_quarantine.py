@@ -241,3 +241,24 @@ def test_a_hung_tool_is_stopped_on_the_host_the_host_stays_online_and_its_gpus_r
     _break(sick, mode="ok")
     again = fleet.hosts.heartbeat().snapshots[0]
     assert again.gpu_health is not None and [g.state for g in again.gpu_health.gpus] == ["ok", "ok"], again
+
+
+def test_an_amd_gpu_gone_where_no_bus_id_is_read_is_found_by_the_count(sick_amd: Sandbox, tmp_path: Path) -> None:
+    healthy = sick_amd.host_state("sick-amd")
+    sick_amd.write_host_state("sick-amd", {**healthy, "bus_ids": False})
+    try:
+        with Fleet.from_config(sick_amd.inventory_path, state_dir=tmp_path / "state") as fleet:
+            first = fleet.hosts.heartbeat().snapshots[0]
+            assert first.gpu_health is not None and first.gpu_health.buses == {} and first.gpu_health.host_reasons == []
+            sick_amd.write_host_state("sick-amd", {**healthy, "bus_ids": False, "faults": {"1": ["vanished"]}})
+            fleet.hosts.heartbeat()
+        # A cold controller (a fresh process) still knows the count from the store.
+        shown = json.loads(_cli(fleet, "agents", "show", "sick-amd", "--json"))
+        assert shown["gpu_host"] == ["host: GPU missing since the last heartbeat (1 of 2 GPUs answer)"], shown
+        with Fleet.from_config(sick_amd.inventory_path, state_dir=tmp_path / "state") as cold:
+            again = cold.hosts.heartbeat().snapshots[0]
+        assert again.gpu_health is not None and "(1 of 2 GPUs answer)" in " ".join(again.gpu_health.host_reasons)
+        assert "1 of 2 GPUs answer" in run_cli("agents", "show", "sick-amd", "--config", str(sick_amd.inventory_path),
+                                               "--state-dir", str(tmp_path / "state")).stdout
+    finally:
+        sick_amd.write_host_state("sick-amd", healthy)

@@ -130,3 +130,27 @@ def test_a_health_call_that_hung_is_tool_hung_its_gpus_unknown_and_none_missing(
     assert report.host_reasons == ["host: GPU tool did not answer (amd-smi)"]
     nvidia = read_health(f"{HEADER}\n{HUNG_MARK} nvidia-smi\n{JOURNAL_MARK}\n", HostMemory(buses={"0000:01:00": 0}), [], None)
     assert [(g.index, g.state, g.missing) for g in nvidia.gpus] == [(0, "unknown", False)]
+
+
+# -- a vanished GPU on a host without bus ids: the count against the most seen since it booted ----------------
+def test_fewer_gpus_than_before_without_bus_ids_is_a_gpu_missing_host_finding_until_a_reboot() -> None:
+    no_bus = "\n".join(["index, uuid, ecc.errors.uncorrected.volatile.total", "0, GPU-0, 0", "1, GPU-1, 0"]) + f"\n\n{JOURNAL_MARK}\n"
+    three = [GpuSample(index=i, vendor="amd") for i in range(3)]
+    first = read_health(no_bus, None, three, None, booted=1000.0)
+    memory = remembered(first, None)
+    assert memory.count == 3 and memory.booted == 1000.0 and memory.buses == {}
+    assert remembered(read_health(no_bus, memory, three, None, booted=1003.0), memory) == memory  # boot time jitter kept out
+    short = read_health(no_bus, memory, three[:2], None, booted=1002.0)
+    assert short.host_reasons == ["host: GPU missing since the last heartbeat (2 of 3 GPUs answer)"]
+    memory = remembered(short, memory)
+    assert memory.count == 3  # still missing next beat: the count is the most seen since the boot
+    assert read_health(no_bus, memory, three[:2], None, booted=1001.0).host_reasons
+    rebooted = read_health(no_bus, memory, three[:2], None, booted=9000.0)
+    assert rebooted.host_reasons == [] and remembered(rebooted, memory).count == 2  # a reboot starts the count again
+
+
+def test_the_count_is_not_used_where_bus_ids_say_which_gpu_is_gone() -> None:
+    memory = HostMemory(buses={"0000:01:00": 0, "0000:02:00": 1}, count=2, booted=1000.0)
+    report = read_health(answer([ROWS[0]]), memory, GPUS[:1], None, booted=1000.0)
+    assert [f.gpu for f in report.findings if f.kind == "gpu_missing"] == [1]  # the bus, not the count
+    assert report.gpu_count == 2
