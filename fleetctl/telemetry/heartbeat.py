@@ -49,7 +49,8 @@ _SURROGATES = re.compile("[\ud800-\udfff]")
 def _query_block(gpu_query_cmd: str | None) -> str:
     # $t names the tool for the health part's note when it hung (fleetctl.telemetry.health_beat).
     if gpu_query_cmd:
-        return f"printf '{MARK}-cmd given\\n'; t=gpu_query_cmd; {BOUNDED}sh -c {shlex.quote(gpu_query_cmd)}"
+        named = shlex.quote(tool_of(gpu_query_cmd) or "gpu_query_cmd")
+        return f"printf '{MARK}-cmd given\\n'; t={named}; {BOUNDED}sh -c {shlex.quote(gpu_query_cmd)}"
     branches = [f'if command -v {tool} >/dev/null 2>&1; then printf \'{MARK}-cmd {tool}\\n\'; t={tool}; {BOUNDED}{query}'
                 for tool, query in DEFAULT_QUERIES.items()]
     return "; el".join(branches) + f"; else printf '{MARK}-cmd none\\n'; fi"

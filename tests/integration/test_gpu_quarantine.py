@@ -230,7 +230,7 @@ def test_a_hung_tool_is_stopped_on_the_host_the_host_stays_online_and_its_gpus_r
     assert took < agent.command_timeout_s, took  # bounded on the host: the beat never reaches its timeout
     assert snap.status == "ok" and snap.gpus == [] and "did not answer within" in (snap.error or ""), snap
     assert snap.gpu_health is not None and [g.state for g in snap.gpu_health.gpus] == ["unknown", "unknown"]
-    assert any("GPU tool did not answer" in r for r in snap.gpu_health.host_reasons), snap.gpu_health
+    assert "host: GPU tool did not answer (nvidia-smi)" in snap.gpu_health.host_reasons, snap.gpu_health
     shown = json.loads(_cli(fleet, "agents", "show", "sick", "--json"))
     assert shown["health"] == "online" and [g["state"] for g in shown["gpu_health"]] == ["unknown", "unknown"], shown
     assert _metrics(fleet)[("fleetctl_gpu_health", (("gpu", "1"), ("state", "unknown")))] == 1.0
