@@ -1,4 +1,4 @@
-"""GPU health's documentation and alert rules: the judgment table on the page is the code's, every
+"""GPU health's documentation and alert rules: the judgment table on the page and in the README is the code's, every
 metric it names is exported, and Prometheus's own promtool accepts and tests the shipped rules."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from fleetctl.telemetry.health_beat import DCGM_FIELDS, XID_FIELD
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "docs" / "gpu-health.md"
+README = ROOT / "README.md"
 RULES = ROOT / "examples" / "prometheus-rules.yml"
 pytestmark = pytest.mark.no_store
 
@@ -23,11 +24,29 @@ def test_the_page_shows_the_judgment_table_of_the_code() -> None:
     assert table_markdown() in PAGE.read_text()
 
 
+EXPORTED = {name for name, _, _ in DCGM_FIELDS} | {XID_FIELD[0], "fleetctl_gpu_health", "fleetctl_gpu_quarantined",
+                                                     "fleetctl_gpu_missing"}
+
+
 def test_the_page_names_every_exported_health_metric_and_only_those() -> None:
     named = set(re.findall(r"`(DCGM_FI_\w+|fleetctl_gpu_\w+)", PAGE.read_text()))
-    exported = {name for name, _, _ in DCGM_FIELDS} | {XID_FIELD[0], "fleetctl_gpu_health", "fleetctl_gpu_quarantined",
-                                                         "fleetctl_gpu_missing"}
-    assert named == exported
+    assert named == EXPORTED
+
+
+def _readme_section() -> str:
+    text = README.read_text()
+    start = text.index("## GPU health\n")
+    return text[start:text.index("\n## ", start + 1)]
+
+
+def test_the_readme_has_the_judgment_table_of_the_code_the_metrics_and_the_rules() -> None:
+    """The issue's "the README has the judgment table, the metrics and the alert rules": the table is
+    table_markdown() of the data, row for row; a changed rule fails here until the README is updated."""
+    section = _readme_section()
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    assert "\n".join(rows) == table_markdown()
+    assert set(re.findall(r"`(DCGM_FI_\w+|fleetctl_gpu_\w+)", section)) == EXPORTED
+    assert "examples/prometheus-rules.yml" in section and RULES.is_file()
 
 
 def _promtool() -> str:

@@ -126,6 +126,7 @@ def _status_json(status: AgentStatus | None) -> dict[str, Any]:
             "status": snapshot.status if snapshot else None,
             "gpu_health": [{"index": g.index, "state": g.state, "reasons": g.reasons, "quarantined": utc(g.quarantined),
                             "quarantine_reason": g.quarantine_reason} for g in report.gpus] if report else None,
+            "gpu_host": report.host_reasons if report else None,  # a hung tool, a GPU missing by the count...
             "kernel_log": report.journal_problem if report and report.journal_problem else ("readable" if report else None)}
 
 
@@ -220,6 +221,9 @@ def _print_gpu_health(status: AgentStatus | None) -> None:
             continue
         held = f" (quarantined {_age(gpu.quarantined)} ago; `fleetctl agents clear-gpu` returns it)" if gpu.quarantined else ""
         out.print(visible(f"  GPU {gpu.index} {gpu.state}{held}: {'; '.join(r.split(': ', 1)[-1] for r in gpu.reasons) or '-'}"))
+    for reason in report.host_reasons if report else []:
+        if not (report and report.journal_problem and "kernel log" in reason):  # said on its own line below
+            out.print(visible(f"  {one_line(reason, limit=300)}"))
     if report and report.journal_problem:
         out.print(visible(f"  kernel log: {one_line(report.journal_problem, limit=300)}"))
 

@@ -39,7 +39,7 @@ from fleetctl.telemetry.heartbeat import MAX_STDOUT as HEARTBEAT_MAX_STDOUT
 from fleetctl.telemetry.heartbeat import crashed_snapshot, failed_snapshot, heartbeat_command, snapshot_from_result
 from fleetctl.telemetry.history import Transition, agent_statuses, history, prune, set_draining
 from fleetctl.telemetry.history import record as record_history
-from fleetctl.telemetry.quarantine import GpuEvent, load_memory
+from fleetctl.telemetry.quarantine import GpuEvent, StoredHost, load_memory
 from fleetctl.telemetry.snapshot import TelemetrySnapshot
 
 if TYPE_CHECKING:
@@ -218,10 +218,11 @@ class Hosts:
         if memory is None:
             try:
                 with self.store.transaction() as db:
-                    cursor, buses = load_memory(db, name)
+                    stored = load_memory(db, name)
             except FleetError:
-                cursor, buses = None, {}
-            memory = self._gpu_memory.setdefault(name, HostMemory(buses=buses, cursor=cursor))
+                stored = StoredHost()
+            memory = self._gpu_memory.setdefault(name, HostMemory(buses=stored.buses, cursor=stored.cursor,
+                                                                  count=stored.count, booted=stored.booted))
         return memory
 
     def heartbeat(self, agents: list[str] | None = None, *, record: bool = True,

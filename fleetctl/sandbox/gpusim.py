@@ -11,7 +11,9 @@ call so a test can break a driver mid-run.
 Broken GPUs (issue 22): ``faults`` maps a GPU index to what is wrong with it (see
 :data:`FAULTS`): ECC double-bit errors, a pending or failed row remap, hardware slowdown, a PCIe
 link at x4, ``[GPU requires reset]``, a recovery action, ``ERR!``, or a GPU that vanished from
-the tool. ``lacks`` names fields the simulated driver does not know (``old_driver`` drops every
+the tool. On ``amd-smi`` (``metric``/``static``/``bad-pages --json``) a GPU's faults are :data:`AMD_FAULTS`:
+uncorrectable or deferred ECC, a PCIe link at x4, pending or retired bad pages, the bad page threshold
+exceeded. ``lacks`` names fields the simulated driver does not know (``old_driver`` drops every
 field newer than R470's), so ``--help-query-gpu`` and refusals follow. Mode ``hung``: the tool
 never answers. ``kernel_log`` lists kernel messages (``{"at": epoch, "gpu": 1, "xid": 79}`` or
 ``{"at": epoch, "message": "..."}``) that a ``journalctl`` stub on the host's PATH prints, with
@@ -390,7 +392,8 @@ def amd_smi(spec: Spec, args: list[str]) -> int:
     gpus: list[dict[str, Any]] = []
     for position, i in enumerate(shown):
         state, busy = amd_state(spec, i), i in spec.get("busy", [])
-        bdf = f"0000:{0x1b + i * 0x22:02x}:00.0"
+        # "bus_ids": false plays an amd-smi that cannot read them (a vanished GPU is then found by the count).
+        bdf = f"0000:{0x1b + i * 0x22:02x}:00.0" if spec.get("bus_ids", True) else "N/A"
         if command == "bad-pages":
             gpus.append({"gpu": position, "retired": _pages(state["retired"], "RESERVED", 0x7FC58000),
                          "pending": _pages(state["pending"], "PENDING", 0x8A140000), "un_res": "No bad pages found."})

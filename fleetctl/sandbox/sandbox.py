@@ -61,8 +61,10 @@ def default_hosts(count: int) -> list[HostSpec]:
     for number in range(1, count + 1):
         vendor = "amd" if number % 3 == 2 else "nvidia"
         zone = "lan" if number % 3 == 0 else "direct"
+        # An AMD host has amd-smi beside rocm-smi, as ROCm 6 and later install them: health is read through it.
         hosts.append(HostSpec(f"gpu-{number}", vendor, gpus=4 if zone == "lan" else 2, zone=zone,
-                              labels={"gpu_type": "mi100" if vendor == "amd" else "h100"}))
+                              labels={"gpu_type": "mi100" if vendor == "amd" else "h100"},
+                              extra_tools=["amd-smi"] if vendor == "amd" else []))
     return hosts
 
 

@@ -95,6 +95,11 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX gpu_events_agent ON gpu_events (agent, ts);
     """,
+    # the GPU count last known per host, for a host whose tool gives no bus ids (a vanished GPU is then
+    # found by the count: fleetctl.telemetry.health_beat).
+    """
+    ALTER TABLE gpu_hosts ADD COLUMN gpu_count INTEGER;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

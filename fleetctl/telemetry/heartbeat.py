@@ -3,6 +3,10 @@
 The remote side is stateless: a POSIX ``sh`` script prints the tool's output, a marker with
 its exit code, then ``/proc/loadavg``, two ``/proc/meminfo`` lines and ``/proc/uptime``, and, when
 GPU health is read, its part behind its own marker (:mod:`fleetctl.telemetry.health_beat`).
+
+The GPU tool runs bounded on the host (:mod:`fleetctl.telemetry.bounded`): one that hangs exits 124
+after its share of the command timeout, and the beat is still a good one (the host stays online) with
+no GPU samples and, where health is read, the ``tool_hung`` finding: its GPUs read ``unknown``.
 """
 
 from __future__ import annotations
@@ -20,12 +24,13 @@ from fleetctl._text import one_line
 from fleetctl.errors import FleetError
 from fleetctl.inventory.config import Agent
 from fleetctl.ssh.seam import CommandResult
+from fleetctl.telemetry.bounded import BOUNDED, HUNG_EXIT, MIN_TOOL_S, bounded_function, tool_timeout_s
 from fleetctl.telemetry.gpu_health import Rule
 from fleetctl.telemetry.gpu_tools import DEFAULT_QUERIES
 from fleetctl.telemetry.health_beat import HEALTH_MARK, HostMemory, read_health
 from fleetctl.telemetry.jobdirs import SCAN_MARK, SCAN_SCRIPT, parse_scan_line
 from fleetctl.telemetry.outcomes import status_of
-from fleetctl.telemetry.parsers import NoGpusError, parse_gpu_output
+from fleetctl.telemetry.parsers import NoGpusError, parse_gpu_output, tool_of
 from fleetctl.telemetry.snapshot import GpuSample, HostBasics, Status, TelemetrySnapshot
 
 MARK = "\x1efleetctl"  # ASCII record separator: never in tool output
@@ -42,9 +47,11 @@ _SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 def _query_block(gpu_query_cmd: str | None) -> str:
+    # $t names the tool for the health part's note when it hung (fleetctl.telemetry.health_beat).
     if gpu_query_cmd:
-        return f"printf '{MARK}-cmd given\\n'; {gpu_query_cmd}"
-    branches = [f'if command -v {tool} >/dev/null 2>&1; then printf \'{MARK}-cmd {tool}\\n\'; {query}'
+        named = shlex.quote(tool_of(gpu_query_cmd) or "gpu_query_cmd")
+        return f"printf '{MARK}-cmd given\\n'; t={named}; {BOUNDED}sh -c {shlex.quote(gpu_query_cmd)}"
+    branches = [f'if command -v {tool} >/dev/null 2>&1; then printf \'{MARK}-cmd {tool}\\n\'; t={tool}; {BOUNDED}{query}'
                 for tool, query in DEFAULT_QUERIES.items()]
     return "; el".join(branches) + f"; else printf '{MARK}-cmd none\\n'; fi"
 
@@ -52,14 +59,14 @@ def _query_block(gpu_query_cmd: str | None) -> str:
 def heartbeat_command(agent: Agent, health: str = "") -> str:
     """The remote command for one heartbeat; it depends only on the agent's query and ``health``, the
     GPU health part (:func:`fleetctl.telemetry.health_beat.health_script`; empty: no health read)."""
-    return _heartbeat_command(agent.gpu_query_cmd, health)
+    return _heartbeat_command(agent.gpu_query_cmd, health, tool_timeout_s(agent.command_timeout_s))
 
 
 @functools.lru_cache(maxsize=1024)
-def _heartbeat_command(gpu_query_cmd: str | None, health: str = "") -> str:
+def _heartbeat_command(gpu_query_cmd: str | None, health: str = "", tool_s: int = MIN_TOOL_S) -> str:
     # Built and quoted once per distinct query (and journal cursor), not on every beat.
     script = (
-        f"{_query_block(gpu_query_cmd)}\n"
+        f"{bounded_function(tool_s)}\n{_query_block(gpu_query_cmd)}\n"
         f"rc=$?; printf '\\n{MARK}-rc %s\\n' \"$rc\"; "
         "cat /proc/loadavg /proc/uptime 2>/dev/null; grep -E '^(MemTotal|MemAvailable):' /proc/meminfo 2>/dev/null; "
         + SCAN_SCRIPT + (f"\n{health}" if health else "")
@@ -117,6 +124,12 @@ def snapshot_from_result(agent: Agent, result: CommandResult, latency_ms: float,
         exit_code = int(rc_text.strip())
     except ValueError:
         exit_code = result.exit_code
+    booted = stamp.timestamp() - basics.uptime_s if basics.uptime_s is not None else None
+    if exit_code == HUNG_EXIT:  # the tool hung and was stopped on the host: reachable, GPUs unknown
+        health = read_health(health_text, memory, [], table, stamp.timestamp(), booted) if health_marker else None
+        return snapshot("ok", host=basics, gpu_health=health,
+                        error=f"{tool_of(command) or 'the GPU query'} did not answer within "
+                              f"{tool_timeout_s(agent.command_timeout_s)} s: its GPUs are unknown")
     try:
         gpus = parse_gpu_output(command, tool_output, exit_code=exit_code, stderr=result.stderr)
     except NoGpusError:
@@ -124,7 +137,7 @@ def snapshot_from_result(agent: Agent, result: CommandResult, latency_ms: float,
     except FleetError as exc:
         return snapshot(status_of(exc), host=basics, error=one_line(str(exc)))
     gpus = [_valid_sample(gpu) for gpu in gpus]
-    health = read_health(health_text, memory, gpus, table, stamp.timestamp()) if health_marker and gpus else None
+    health = read_health(health_text, memory, gpus, table, stamp.timestamp(), booted) if health_marker and gpus else None
     return snapshot("ok" if gpus else "no_gpus", gpus=gpus, host=basics, gpu_health=health)
 
 

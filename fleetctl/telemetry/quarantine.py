@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fleetctl.telemetry.gpu_health import Rule, judge
@@ -115,10 +115,11 @@ def apply(db: Any, snapshots: Iterable[TelemetrySnapshot], table: Mapping[str, R
             "state=excluded.state, reason=excluded.reason, since=excluded.since, quarantined=excluded.quarantined, "
             "quarantine_reason=excluded.quarantine_reason, xids=excluded.xids", rows)
         db.execute(
-            "INSERT INTO gpu_hosts (agent, journal_cursor, buses, booted, updated) VALUES (?,?,?,?,?) "
+            "INSERT INTO gpu_hosts (agent, journal_cursor, buses, booted, updated, gpu_count) VALUES (?,?,?,?,?,?) "
             "ON CONFLICT (agent) DO UPDATE SET journal_cursor=COALESCE(excluded.journal_cursor, gpu_hosts.journal_cursor), "
-            "buses=excluded.buses, booted=excluded.booted, updated=excluded.updated",
-            (snap.agent, report.journal_cursor, json.dumps(report.buses), booted, at))
+            "buses=excluded.buses, booted=excluded.booted, updated=excluded.updated, "
+            "gpu_count=COALESCE(excluded.gpu_count, gpu_hosts.gpu_count)",
+            (snap.agent, report.journal_cursor, json.dumps(report.buses), booted, at, report.gpu_count))
         if written is not None:
             settled = all(r[3] == "ok" and r[6] is None and r[8] == "[]" for r in rows) and booted is not None
             if settled and calm:
@@ -146,13 +147,24 @@ def _running_jobs(db: Any, agent: str, index: int, why: str, kill: bool, at: flo
     return found
 
 
-def load_memory(db: Any, agent: str) -> tuple[str | None, dict[str, int]]:
-    """A host's kernel log cursor and last bus ids, for a controller that has not beaten it yet."""
-    rows = list(db.execute("SELECT journal_cursor, buses FROM gpu_hosts WHERE agent = ?", (agent,)))
+@dataclass(frozen=True)
+class StoredHost:
+    """What the store remembers of a host, for a controller that has not beaten it yet."""
+
+    cursor: str | None = None
+    buses: dict[str, int] = field(default_factory=dict)
+    count: int | None = None      # the most GPUs seen since it booted
+    booted: float | None = None
+
+
+def load_memory(db: Any, agent: str) -> StoredHost:
+    """A host's kernel log cursor, last bus ids, GPU count and boot time."""
+    rows = list(db.execute("SELECT journal_cursor, buses, gpu_count, booted FROM gpu_hosts WHERE agent = ?", (agent,)))
     if not rows:
-        return None, {}
-    buses = json.loads(rows[0][1] or "{}")
-    return rows[0][0], {str(k): int(v) for k, v in buses.items()}
+        return StoredHost()
+    cursor, buses, count, booted = rows[0]
+    return StoredHost(cursor, {str(k): int(v) for k, v in json.loads(buses or "{}").items()},
+                      None if count is None else int(count), None if booted is None else float(booted))
 
 
 def clear(db: Any, agent: str, index: int, by: str = "clear-gpu") -> str | None:

@@ -102,6 +102,11 @@ class GpuHealthReport(BaseModel):
     buses: dict[str, int] = Field(default_factory=dict, exclude=True)  # bus id -> GPU index, for a vanished GPU
     journal_cursor: Optional[str] = None  # where the next kernel log read starts (None: keep the last one)
     journal_problem: Optional[str] = None  # one line: why the kernel log is not readable
+    tool: Optional[str] = Field(default=None, exclude=True)  # the tool that answered: nvidia-smi or amd-smi
+    # The GPU count to remember (the most seen since the host booted) and that boot time (epoch s): where the
+    # tool gives no bus ids, a GPU that vanished is found by the count.
+    gpu_count: Optional[int] = Field(default=None, exclude=True)
+    booted: Optional[float] = Field(default=None, exclude=True)
 
     def of(self, index: int) -> Optional[GpuHealth]:
         return next((g for g in self.gpus if g.index == index), None)

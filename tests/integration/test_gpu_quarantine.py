@@ -172,3 +172,93 @@ def test_an_old_driver_is_asked_its_own_fields_and_remapped_rows_apart(sick: San
     assert second.gpu_health is not None and second.gpu_health.gpus[1].state == "failed"
     reasons = " ".join(second.gpu_health.gpus[1].reasons)
     assert "row remap pending" in reasons and "hardware slowdown" in reasons
+
+
+@pytest.fixture(scope="module")
+def sick_amd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+    require_sshd()
+    sandbox = Sandbox(tmp_path_factory.mktemp("quarantine-amd"),
+                      [HostSpec("sick-amd", vendor="amd", gpus=2, extra_tools=["amd-smi"])])
+    sandbox.up()
+    yield sandbox
+    sandbox.down()
+
+
+@pytest.mark.parametrize(("fault", "reason"), [
+    pytest.param("bad_pages_pending", "page retirement pending", id="bad-pages-pending"),
+    pytest.param("ecc_dbe", "uncorrectable ECC errors since the driver loaded", id="ecc-uncorrectable"),
+])
+def test_an_amd_gpu_is_read_through_amd_smi_quarantined_and_cleared(sick_amd: Sandbox, tmp_path: Path, fault: str,
+                                                                    reason: str) -> None:
+    healthy = sick_amd.host_state("sick-amd")
+    try:
+        with Fleet.from_config(sick_amd.inventory_path, state_dir=tmp_path / "state") as fleet:
+            first = fleet.hosts.heartbeat().snapshots[0]  # rocm-smi answers the query, amd-smi the health
+            assert first.status == "ok" and first.gpu_health is not None, first
+            assert [g.state for g in first.gpu_health.gpus] == ["ok", "ok"] and first.gpu_health.gpus[1].bus_id
+            sick_amd.write_host_state("sick-amd", {**healthy, "faults": {"1": [fault, "pcie_width"]}})
+            fleet.hosts.heartbeat()  # one beat
+            shown = json.loads(_cli(fleet, "agents", "show", "sick-amd", "--json"))
+            gpus = {g["index"]: g for g in shown["gpu_health"]}
+            assert gpus[0]["state"] == "ok" and gpus[1]["state"] == "failed" and gpus[1]["quarantined"] is not None, gpus
+            assert any(reason in r for r in gpus[1]["reasons"]), gpus[1]
+            assert any("PCIe link narrower than its max (x4 of x16)" in r for r in gpus[1]["reasons"]), gpus[1]
+            metrics = _metrics(fleet)
+            assert metrics[("fleetctl_gpu_quarantined", (("gpu", "1"),))] == 1.0
+            assert metrics[("DCGM_FI_DEV_PCIE_LINK_WIDTH", (("gpu", "1"),))] == 4.0
+            job = fleet.submit("true", gpus=2, agent="sick-amd")
+            drive_once(fleet.hosts)
+            assert "sick-amd GPU 1 quarantined: " in (fleet.job(job.id).record.reason or "")
+
+            sick_amd.write_host_state("sick-amd", healthy)  # the board replaced, say
+            assert "sick-amd GPU 1 returned to service" in _cli(fleet, "agents", "clear-gpu", "sick-amd", "1")
+            after = fleet.hosts.heartbeat().snapshots[0]
+            assert after.gpu_health is not None and [g.state for g in after.gpu_health.gpus] == ["ok", "ok"]
+            drive_once(fleet.hosts)
+            assert fleet.job(job.id).record.state != "queued"
+    finally:
+        sick_amd.write_host_state("sick-amd", healthy)
+
+
+def test_a_hung_tool_is_stopped_on_the_host_the_host_stays_online_and_its_gpus_read_unknown(sick: Sandbox,
+                                                                                          fleet: Fleet) -> None:
+    _break(sick, mode="hung", hang_s=60)
+    started = time.monotonic()
+    snap = fleet.hosts.heartbeat().snapshots[0]
+    took = time.monotonic() - started
+    agent = fleet.inventory.get("sick")
+    assert took < agent.command_timeout_s, took  # bounded on the host: the beat never reaches its timeout
+    assert snap.status == "ok" and snap.gpus == [] and "did not answer within" in (snap.error or ""), snap
+    assert snap.gpu_health is not None and [g.state for g in snap.gpu_health.gpus] == ["unknown", "unknown"]
+    assert "host: GPU tool did not answer (nvidia-smi)" in snap.gpu_health.host_reasons, snap.gpu_health
+    shown = json.loads(_cli(fleet, "agents", "show", "sick", "--json"))
+    assert shown["health"] == "online" and [g["state"] for g in shown["gpu_health"]] == ["unknown", "unknown"], shown
+    assert _metrics(fleet)[("fleetctl_gpu_health", (("gpu", "1"), ("state", "unknown")))] == 1.0
+    job = fleet.submit("true", gpus=1, agent="sick")
+    drive_once(fleet.hosts)
+    assert fleet.job(job.id).record.state == "queued"  # no GPU is placed on while the tool does not answer
+
+    _break(sick, mode="ok")
+    again = fleet.hosts.heartbeat().snapshots[0]
+    assert again.gpu_health is not None and [g.state for g in again.gpu_health.gpus] == ["ok", "ok"], again
+
+
+def test_an_amd_gpu_gone_where_no_bus_id_is_read_is_found_by_the_count(sick_amd: Sandbox, tmp_path: Path) -> None:
+    healthy = sick_amd.host_state("sick-amd")
+    sick_amd.write_host_state("sick-amd", {**healthy, "bus_ids": False})
+    try:
+        with Fleet.from_config(sick_amd.inventory_path, state_dir=tmp_path / "state") as fleet:
+            first = fleet.hosts.heartbeat().snapshots[0]
+            assert first.gpu_health is not None and first.gpu_health.buses == {} and first.gpu_health.host_reasons == []
+            sick_amd.write_host_state("sick-amd", {**healthy, "bus_ids": False, "faults": {"1": ["vanished"]}})
+            fleet.hosts.heartbeat()
+        # A cold controller (a fresh process) still knows the count from the store.
+        shown = json.loads(_cli(fleet, "agents", "show", "sick-amd", "--json"))
+        assert shown["gpu_host"] == ["host: GPU missing since the last heartbeat (1 of 2 GPUs answer)"], shown
+        with Fleet.from_config(sick_amd.inventory_path, state_dir=tmp_path / "state") as cold:
+            again = cold.hosts.heartbeat().snapshots[0]
+        assert again.gpu_health is not None and "(1 of 2 GPUs answer)" in " ".join(again.gpu_health.host_reasons)
+        assert "1 of 2 GPUs answer" in run_cli("agents", "show", "sick-amd", "--config", str(sick_amd.inventory_path),
+                                               "--state-dir", str(tmp_path / "state")).stdout
+    finally:
+        sick_amd.write_host_state("sick-amd", healthy)

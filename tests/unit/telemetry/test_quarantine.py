@@ -126,3 +126,16 @@ def test_kill_on_gpu_failure_cancels_the_job(store: Store) -> None:
     assert [tuple(r) for r in store.query("SELECT cancel_requested FROM jobs WHERE id = 'j1'")] == [(1,)]
     detail = [r[0] for r in store.query("SELECT detail FROM job_events WHERE job_id = 'j1'")]
     assert detail == ["GPU 1 on a failed: row remap failed: no spare rows; cancelling (kill_on_gpu_failure)"]
+
+
+def test_the_gpu_count_and_boot_time_are_kept_for_a_cold_controller(store: Store) -> None:
+    snap = beat(T0, uptime=1000.0)
+    assert snap.gpu_health is not None
+    snap.gpu_health.gpu_count = 4
+    record(store, [snap], HealthPolicy())
+    later = beat(T0 + 5, uptime=1005.0)  # a report that did not count keeps the stored count
+    record(store, [later], HealthPolicy())
+    with store.transaction() as db:
+        stored = quarantine.load_memory(db, "a")
+        assert stored.count == 4 and stored.booted == T0 - 1000.0 and stored.buses == {"0000:01:00": 0, "0000:02:00": 1}
+        assert quarantine.load_memory(db, "nobody") == quarantine.StoredHost()
