@@ -25,7 +25,7 @@ def test_the_page_shows_the_judgment_table_of_the_code() -> None:
 
 
 EXPORTED = {name for name, _, _ in DCGM_FIELDS} | {XID_FIELD[0], "fleetctl_gpu_health", "fleetctl_gpu_quarantined",
-                                                     "fleetctl_gpu_missing"}
+                                                     "fleetctl_gpu_missing", "fleetctl_gpu_missing_count"}
 
 
 def test_the_page_names_every_exported_health_metric_and_only_those() -> None:
@@ -59,7 +59,7 @@ def _promtool() -> str:
 def test_promtool_checks_the_alert_rules() -> None:
     done = subprocess.run([_promtool(), "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "SUCCESS: 5 rules found" in done.stdout + done.stderr
+    assert "SUCCESS: 6 rules found" in done.stdout + done.stderr
 
 
 def test_promtool_tests_the_alert_rules() -> None:

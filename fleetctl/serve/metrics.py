@@ -11,7 +11,8 @@ GPU health (issue 22, docs/gpu-health.md) adds dcgm-exporter's health fields und
 (``DCGM_FI_DEV_XID_ERRORS``, ``DCGM_FI_DEV_ECC_DBE_VOL_TOTAL``, ``DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS``,
 ``DCGM_FI_DEV_CLOCKS_EVENT_REASONS``, ``DCGM_FI_DEV_PCIE_LINK_WIDTH``, ... as
 :data:`fleetctl.telemetry.health_beat.DCGM_FIELDS` lists them), and per GPU
-``fleetctl_gpu_health{state}`` (1 for its verdict), ``fleetctl_gpu_quarantined`` and ``fleetctl_gpu_missing``.
+``fleetctl_gpu_health{state}`` (1 for its verdict), ``fleetctl_gpu_quarantined``, ``fleetctl_gpu_missing`` and,
+per host, ``fleetctl_gpu_missing_count``.
 
 The collector holds its own :class:`Store` (its own SQLite connection), so scrapes never wait on
 the controller's writes and a scrape during shutdown never meets a store the controller closed."""
@@ -140,6 +141,9 @@ class FleetCollector(Collector):
                                         "until cleared or recovered).", labels=list(GPU_HEALTH_LABELS))
         missing = GaugeMetricFamily("fleetctl_gpu_missing", "1 when a GPU listed before no longer answers.",
                                     labels=list(GPU_HEALTH_LABELS))
+        # Where no bus id tells which GPU went (old drivers, some AMD hosts), only how many: per host.
+        missing_count = GaugeMetricFamily("fleetctl_gpu_missing_count", "GPUs fewer than the host had since it booted, "
+                                          "where no bus id tells which one went.", labels=["Hostname", "agent"])
 
         for name in names:
             known = statuses.get(name) or AgentStatus(name, Health(), False, None)
@@ -169,11 +173,14 @@ class FleetCollector(Collector):
                         if reading is not None:
                             family.add_metric(labels, float(reading))
                 self._gpu_health(snapshot, health_families, gpu_health, quarantined, missing)
+                if snapshot.gpu_health is not None:
+                    gone = sum(f.value or 0.0 for f in snapshot.gpu_health.findings if f.kind == "gpu_missing" and f.gpu is None)
+                    missing_count.add_metric([label(snapshot.hostname or snapshot.agent), agent], gone)
 
         yield from (up, status, health, draining, latency, age, misses, gpus)
         yield from (family for family, _ in gpu_families)
         yield from health_families.values()
-        yield from (gpu_health, quarantined, missing)
+        yield from (gpu_health, quarantined, missing, missing_count)
 
     @staticmethod
     def _gpu_health(snapshot: TelemetrySnapshot, families: dict[str, GaugeMetricFamily], gpu_health: GaugeMetricFamily,

@@ -29,7 +29,7 @@ from fleetctl.serve.metrics import MAX_LABEL_CHARS, FleetCollector, parse_addres
 from fleetctl.store import SQLiteStore
 from fleetctl.telemetry.health import HealthPolicy
 from fleetctl.telemetry.history import record
-from fleetctl.telemetry.snapshot import GpuSample, TelemetrySnapshot
+from fleetctl.telemetry.snapshot import GpuHealth, GpuHealthReport, GpuSample, HealthFinding, TelemetrySnapshot
 from tests.conftest import require_sshd, run_cli
 from tests.waiting import poll
 
@@ -148,6 +148,24 @@ def test_metrics_addresses(text: str, host: str, port: int, loopback: bool) -> N
 def test_bad_metrics_addresses_are_config_errors(text: str) -> None:
     with pytest.raises(ConfigError, match="--metrics"):
         parse_address(text)
+
+
+@pytest.mark.sqlite_only(reason="builds its store with SQLiteStore.in_state_dir: SQLite on either pass")
+def test_a_gpu_missing_by_count_is_exported_per_host(tmp_path: Path) -> None:
+    """Where no bus id tells which GPU went, the host's count does: fleetctl_gpu_missing_count."""
+    store = SQLiteStore.in_state_dir(tmp_path)
+    try:
+        short = _snapshot("a", gpus=1)
+        short.gpu_health = GpuHealthReport(gpus=[GpuHealth(index=0)], findings=[
+            HealthFinding(kind="gpu_missing", value=1.0, detail="1 of 2 GPUs answer")])
+        whole = _snapshot("b")
+        whole.gpu_health = GpuHealthReport(gpus=[GpuHealth(index=0), GpuHealth(index=1)])
+        record(store, [short, whole], HealthPolicy())
+        families = _scrape(FleetCollector(store))
+    finally:
+        store.close()
+    counts = {s.labels["agent"]: s.value for s in families["fleetctl_gpu_missing_count"]}
+    assert counts == {"a": 1.0, "b": 0.0}
 
 
 def _dashboard_queries() -> list[str]:
