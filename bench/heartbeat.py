@@ -230,6 +230,9 @@ def print_table(count: int, results: dict[str, dict[str, Any]], base: dict[str, 
                 print(f"{client}: GPU health costs {extra * 100:+.1f}% controller CPU per beat (store, same run)")
     row("round time, store (s)", pick("store", "round_s"), "14.2f", base_round)
     row("round time, no store (s)", pick("no_store", "round_s"), "14.2f", base_round)
+    if any("store_no_health" in r for r in results.values()):
+        # The peers send the beat without the GPU health part: this row is the like-for-like round.
+        row("round time, store, no GPU health (s)", pick("store_no_health", "round_s"), "14.2f")
     row(f"first round, {count} handshakes (s)", pick(None, "first_round_s"), "14.2f")
     row("first round CPU per host (ms)", pick(None, "first_round_cpu_ms"), "14.2f")
     row("idle CPU, connections open (%)", pick(None, "idle_pct"), "14.2f")
