@@ -157,8 +157,10 @@ def probe_command(job_id: str, attempt: int, agent: str) -> str:
 
 
 def parse_probe(stdout: str) -> tuple[ProbeState, str] | None:
-    """The first directory :func:`probe_command` found, as (state, path); None if there is none."""
-    found = stdout.split()
-    if len(found) < 2 or found[0] not in get_args(ProbeState):
-        return None
-    return found[0], found[1]  # type: ignore[return-value]
+    """The first directory :func:`probe_command` found, as (state, path); None if there is none. Lines
+    that are not the probe's (a login shell's rc file may print) are passed over, never taken for "none"."""
+    for line in stdout.splitlines():
+        found = line.split(maxsplit=1)
+        if len(found) == 2 and found[0] in get_args(ProbeState) and found[1].startswith("/"):
+            return found[0], found[1].strip()  # type: ignore[return-value]
+    return None

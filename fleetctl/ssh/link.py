@@ -87,11 +87,12 @@ class Link:
         self._raw_socket: socket.socket | None = None
         self._proxy: ProxyProcess | None = None
         self.transport: paramiko.Transport | None = None
+        self._deadline = time.monotonic() + timeout
         try:
             self._open(options, timeout, probe)
         except TransportError as exc:
             self.close()
-            if via is not None and not exc.is_bastion and via.went_away():
+            if via is not None and not exc.is_bastion and self._bastion_died(via, exc):
                 # The bastion died under this login: its failure, reported once for all its hosts.
                 raise UnreachableError(f"bastion {via.hop.address} went away while reaching {hop.address}",
                                        hop=via.hop.address, is_bastion=True,
@@ -106,13 +107,19 @@ class Link:
         via_active = self.via is None or self.via.is_active
         return self.transport is not None and bool(self.transport.is_active()) and via_active
 
-    def went_away(self) -> bool:
-        """Whether this link is dead, asked after something through it failed: allows its reader
-        ``_BASTION_SETTLE_S`` to finish noticing (see there). A live link costs that wait, on a
-        failure path only."""
-        deadline = time.monotonic() + _BASTION_SETTLE_S
-        while self.is_active:
-            if time.monotonic() >= deadline:
+    def _bastion_died(self, via: Link, exc: TransportError) -> bool:
+        """Whether this login failed because the bastion it ran through died. Only a lost connection
+        (the channel closed, EOF) can be the bastion's death still being noticed: then its reader gets
+        up to ``_BASTION_SETTLE_S`` (never past this login's deadline) to mark it. An answer (a refused
+        channel, a host key, a login refusal) or a timeout came through a bastion that was alive: no wait."""
+        if not via.is_active:
+            return True
+        if type(exc) is not UnreachableError or isinstance(exc.__cause__, paramiko.ChannelException):
+            return False
+        # Polled: on the fast path a transport has no thread of its own to join.
+        settle_until = min(time.monotonic() + _BASTION_SETTLE_S, self._deadline)
+        while via.is_active:
+            if time.monotonic() >= settle_until:
                 return False
             time.sleep(0.01)
         return True
@@ -181,13 +188,8 @@ class Link:
             lean_swap.lean_channel(channel)  # before the host's transport reads it
             return channel
         except (UnreachableError, ConnectTimeout) as exc:
+            # Whether the bastion died under the open is judged once, by the Link being opened.
             cause = exc.__cause__
-            # A ChannelException is the bastion's answer, so the bastion is alive; anything else may
-            # be the bastion dying under the open: its failure, not the host's.
-            if not isinstance(cause, paramiko.ChannelException) and self.went_away():
-                raise UnreachableError(f"bastion {self.hop.address} went away while reaching {hop.address}",
-                                       hop=self.hop.address, is_bastion=True,
-                                       hint="is the bastion up? its hosts reconnect through it on the next try") from exc
             if isinstance(cause, paramiko.ChannelException) and cause.code == _OPEN_PROHIBITED:
                 raise UnreachableError(f"bastion {self.hop.address} refuses to forward to {hop.address}",
                                        hop=self.hop.address, is_bastion=True,

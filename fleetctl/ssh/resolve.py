@@ -123,7 +123,6 @@ class SshConfigResolver:
         self._lock = threading.Lock()
         # `ssh -G` answers kept between processes (fleetctl.ssh.resolve_cache); None: asked every process.
         self._answers = AnswerCache(answers_dir) if answers_dir is not None else None
-        self._digests: dict[Path | None, str | None] = {}
 
     @property
     def mode(self) -> str:
@@ -185,19 +184,18 @@ class SshConfigResolver:
         return [*command, "--", host]
 
     def _ask_openssh(self, command: list[str], host: str, config_file: Path | None) -> dict[str, list[str]]:
-        """``ssh -G``'s answer: from the answers kept on disk when every input is unchanged."""
+        """``ssh -G``'s answer: from the answers kept on disk when every input is unchanged. The inputs'
+        digest is taken at each ask (a few small file reads, against an exec), and again after a fresh
+        answer: one whose config changed while ssh read it is not kept."""
         if self._answers is None or self.ssh_binary is None:
             return _run_ssh_g(command, host)
-        with self._lock:
-            if config_file not in self._digests:
-                self._digests[config_file] = config_digest(config_file)
-            digest = self._digests[config_file]
+        digest = config_digest(config_file)
         key = AnswerCache.key(digest, self.ssh_binary, command) if digest is not None else None
         kept = self._answers.get(key) if key is not None else None
         if kept is not None:
             return kept
         values = _run_ssh_g(command, host)
-        if key is not None:
+        if key is not None and config_digest(config_file) == digest:
             self._answers.put(key, values)
         return values
 

@@ -148,13 +148,15 @@ class AnswerCache:
             values = json.loads(path.read_text())
         except (OSError, ValueError):
             return None
-        if not isinstance(values, dict) or not all(isinstance(v, list) for v in values.values()):
+        if not isinstance(values, dict) or not all(
+                isinstance(v, list) and all(isinstance(item, str) for item in v) for v in values.values()):
             return None
         return values
 
     def put(self, key: str, values: dict[str, list[str]]) -> None:
         with contextlib.suppress(OSError):
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(self.directory, 0o700)  # a folder made looser by hand holds config details: tightened
             handle, temporary = tempfile.mkstemp(dir=self.directory, prefix=".answer-")
             try:
                 with os.fdopen(handle, "w") as out:

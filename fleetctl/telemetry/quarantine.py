@@ -118,8 +118,10 @@ def apply(db: Any, snapshots: Iterable[TelemetrySnapshot], table: Mapping[str, R
             "INSERT INTO gpu_hosts (agent, journal_cursor, buses, booted, updated, gpu_count) VALUES (?,?,?,?,?,?) "
             "ON CONFLICT (agent) DO UPDATE SET journal_cursor=COALESCE(excluded.journal_cursor, gpu_hosts.journal_cursor), "
             "buses=excluded.buses, booted=excluded.booted, updated=excluded.updated, "
-            "gpu_count=COALESCE(excluded.gpu_count, gpu_hosts.gpu_count)",
-            (snap.agent, report.journal_cursor, json.dumps(report.buses), booted, at, report.gpu_count))
+            # No count this beat (a hung tool): the last one stands, unless the host rebooted since (it counts anew).
+            "gpu_count=CASE WHEN excluded.gpu_count IS NOT NULL THEN excluded.gpu_count "
+            "WHEN excluded.booted > gpu_hosts.booted + ? THEN NULL ELSE gpu_hosts.gpu_count END",
+            (snap.agent, report.journal_cursor, json.dumps(report.buses), booted, at, report.gpu_count, REBOOT_SLACK_S))
         if written is not None:
             settled = all(r[3] == "ok" and r[6] is None and r[8] == "[]" for r in rows) and booted is not None
             if settled and calm:

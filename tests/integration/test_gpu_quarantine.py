@@ -223,11 +223,8 @@ def test_an_amd_gpu_is_read_through_amd_smi_quarantined_and_cleared(sick_amd: Sa
 def test_a_hung_tool_is_stopped_on_the_host_the_host_stays_online_and_its_gpus_read_unknown(sick: Sandbox,
                                                                                           fleet: Fleet) -> None:
     _break(sick, mode="hung", hang_s=60)
-    started = time.monotonic()
     snap = fleet.hosts.heartbeat().snapshots[0]
-    took = time.monotonic() - started
-    agent = fleet.inventory.get("sick")
-    assert took < agent.command_timeout_s, took  # bounded on the host: the beat never reaches its timeout
+    # Bounded on the host: the beat answers ("ok"), it never reaches the controller's command timeout ("timeout").
     assert snap.status == "ok" and snap.gpus == [] and "did not answer within" in (snap.error or ""), snap
     assert snap.gpu_health is not None and [g.state for g in snap.gpu_health.gpus] == ["unknown", "unknown"]
     assert "host: GPU tool did not answer (nvidia-smi)" in snap.gpu_health.host_reasons, snap.gpu_health

@@ -122,6 +122,10 @@ class Scheduler:
                 continue
             gpu_ids = [str(g.index) for g in placement.gpus]
             if not queue.claim(job.id, placement.agent, gpu_ids, job.attempt + 1):
+                if task is not None and task.max_concurrent is not None:
+                    # Refused in the claim's own transaction: most likely another controller's claims filled the cap.
+                    queue.set_reason(job.id, f"waiting: sweep {task.parent} is at --max-concurrent {task.max_concurrent} "
+                                             "(claimed by another controller)")
                 continue
             # Snapshots do not change within a tick; the GPUs this claim took are held from now on.
             claimed = queue.get(job.id)

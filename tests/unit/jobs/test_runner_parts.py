@@ -62,6 +62,7 @@ RECONCILE = [
     ("ready, but launched meanwhile", "ready {dir}\n", 4, "running", "running", ["already started"]),
     ("ready, launch refused", "ready {dir}\n", 3, "dispatching", "dispatching", ["already started"]),
     ("already started", "started {dir}\n", None, "running", "running", []),
+    ("started, after a login banner", "Welcome to gpu-1\nstarted now\nstarted {dir}\n", None, "running", "running", []),
 ]
 
 

@@ -53,16 +53,18 @@ def test_a_hung_tool_exits_124_in_its_time_and_a_quick_one_keeps_its_answer(tmp_
     done, took = _sh(f'{bounded_function(1)}\nx=$(fleetctl_bounded hangs; echo "rc=$?"); echo "$x"; '
                      'fleetctl_bounded quick; echo "rc=$?"', path)
     assert done.stdout.split() == [f"rc={HUNG_EXIT}", "answer", "rc=3"], done
-    assert took < 5 and "Terminated" not in done.stderr, (took, done.stderr)
+    assert took < 30 and "Terminated" not in done.stderr, (took, done.stderr)  # stopped at 1 s, not after its 60
 
 
 def test_a_heartbeat_whose_nvidia_smi_hangs_answers_in_time_with_its_gpus_unknown(tmp_path: Path) -> None:
     agent = Agent(name="hangs", hostname="hangs.example", command_timeout_s=4.0)  # 2 s for the tool
     memory = HostMemory(fields=("index", "pci.bus_id", "uuid", "driver_version"), buses={"0000:01:00": 0, "0000:02:00": 1},
                         tool="nvidia-smi")
-    path = _path(tmp_path, with_timeout=bool(shutil.which("timeout")), tools={"nvidia-smi": HANGS})
+    calls = tmp_path / "calls"
+    path = _path(tmp_path, with_timeout=bool(shutil.which("timeout")),
+                 tools={"nvidia-smi": f'#!/bin/sh\necho "$*" >> {calls}\nexec sleep 60\n'})
     done, took = _sh(heartbeat_command(agent, health_script(memory)), path)
-    assert took < agent.command_timeout_s, took  # one hang only: the health part does not ask the hung tool again
+    assert len(calls.read_text().splitlines()) == 1  # one hang only: the health part does not ask the hung tool again
     snap = snapshot_from_result(agent, CommandResult("", done.returncode, done.stdout, done.stderr), took * 1000,
                                 memory=memory)
     assert snap.status == "ok" and snap.gpus == [] and snap.error == "nvidia-smi did not answer within 2 s: its GPUs are unknown"

@@ -139,3 +139,16 @@ def test_the_gpu_count_and_boot_time_are_kept_for_a_cold_controller(store: Store
         stored = quarantine.load_memory(db, "a")
         assert stored.count == 4 and stored.booted == T0 - 1000.0 and stored.buses == {"0000:01:00": 0, "0000:02:00": 1}
         assert quarantine.load_memory(db, "nobody") == quarantine.StoredHost()
+
+
+def test_a_reboot_with_no_count_forgets_the_old_count(store: Store) -> None:
+    """A hung tool on the first beat after a reboot: the count from before the reboot is not kept (a cold
+    controller would otherwise take GPUs as missing that the new boot never had)."""
+    snap = beat(T0, uptime=1000.0)
+    assert snap.gpu_health is not None
+    snap.gpu_health.gpu_count = 4
+    record(store, [snap], HealthPolicy())
+    record(store, [beat(T0 + 600, uptime=30.0)], HealthPolicy())  # rebooted, nothing counted
+    with store.transaction() as db:
+        stored = quarantine.load_memory(db, "a")
+        assert stored.count is None and stored.booted == T0 + 570
