@@ -19,9 +19,8 @@ from fleetctl.jobs.model import JobRecord
 from fleetctl.jobs.queue import JobQueue
 from fleetctl.sandbox import HostSpec, Sandbox
 from tests.conftest import require_sshd, run_cli
+from tests.jobs_fleet import CONTROLLER, job_config, job_fleet
 from tests.waiting import poll, wait_for
-
-CONTROLLER = "[controller]\nkill_grace_s = 1\noffline_after_misses = 2\n\n"
 
 
 @pytest.fixture
@@ -33,16 +32,6 @@ def two_hosts(tmp_path: Path) -> Iterator[Sandbox]:
     sandbox.up()
     yield sandbox
     sandbox.down()
-
-
-def _config(sandbox: Sandbox, tmp_path: Path) -> Path:
-    config = tmp_path / "agents.toml"
-    config.write_text(CONTROLLER + sandbox.inventory_path.read_text())
-    return config
-
-
-def _fleet(sandbox: Sandbox, tmp_path: Path) -> Fleet:
-    return Fleet.from_config(_config(sandbox, tmp_path), state_dir=tmp_path / "state")
 
 
 def _drive_until(fleet: Fleet, job_id: str, done: Callable[[JobRecord], bool], timeout: float = 30) -> JobRecord:
@@ -60,7 +49,7 @@ def _finished_on_host(sandbox: Sandbox, name: str, count: int = 1) -> bool:
 
 
 def test_submit_two_gpus_from_the_cli_end_to_end(two_hosts: Sandbox, tmp_path: Path) -> None:
-    config, state = _config(two_hosts, tmp_path), tmp_path / "state"
+    config, state = job_config(two_hosts, tmp_path), tmp_path / "state"
     code = ("import json, os; job = json.load(open(os.environ['FLEETCTL_JOB_FILE'])); "
             "json.dump({'seen': os.environ['CUDA_VISIBLE_DEVICES'], 'sum': sum(job['payload']['xs'])}, "
             "open(os.environ['FLEETCTL_OUTPUT_FILE'], 'w')); print('hello from', os.environ['FLEETCTL_JOB_ID'])")
@@ -82,7 +71,7 @@ def test_submit_two_gpus_from_the_cli_end_to_end(two_hosts: Sandbox, tmp_path: P
 
 
 def test_placement_labels_drain_dependencies_and_impossible_jobs(two_hosts: Sandbox, tmp_path: Path) -> None:
-    with _fleet(two_hosts, tmp_path) as fleet:
+    with job_fleet(two_hosts, tmp_path) as fleet:
         fleet.drain("one")
         on_two = fleet.submit("true", gpus=1, labels={"gpu_type": "*"})
         assert _drive_until(fleet, on_two.id, lambda r: r.done).agent == "two"
@@ -105,7 +94,7 @@ def test_placement_labels_drain_dependencies_and_impossible_jobs(two_hosts: Sand
 
 
 def test_cancel_and_timeout_of_a_job_that_ignores_sigterm(two_hosts: Sandbox, tmp_path: Path) -> None:
-    with _fleet(two_hosts, tmp_path) as fleet:
+    with job_fleet(two_hosts, tmp_path) as fleet:
         stubborn = fleet.submit("trap '' TERM; sleep 60", timeout_s=2, agent="one")
         polite = fleet.submit(["sleep", "60"], agent="two")
         _drive_until(fleet, polite.id, lambda r: r.state == "running")
@@ -118,7 +107,7 @@ def test_cancel_and_timeout_of_a_job_that_ignores_sigterm(two_hosts: Sandbox, tm
 
 
 def test_ssh_dropped_mid_job_is_collected_after_reconnect(two_hosts: Sandbox, tmp_path: Path) -> None:
-    with _fleet(two_hosts, tmp_path) as fleet:
+    with job_fleet(two_hosts, tmp_path) as fleet:
         job = fleet.submit("sleep 2; echo survived", agent="one")
         _drive_until(fleet, job.id, lambda r: r.state == "running")
         two_hosts.stop_host("one")  # sshd and every SSH session die; the detached job does not
@@ -130,7 +119,7 @@ def test_ssh_dropped_mid_job_is_collected_after_reconnect(two_hosts: Sandbox, tm
 
 @pytest.mark.parametrize("failpoint", ["after-upload", "after-launch"])
 def test_controller_killed_during_dispatch_never_runs_a_job_twice(two_hosts: Sandbox, tmp_path: Path, failpoint: str) -> None:
-    config, state = str(_config(two_hosts, tmp_path)), str(tmp_path / "state")
+    config, state = str(job_config(two_hosts, tmp_path)), str(tmp_path / "state")
     runs = tmp_path / "runs"
     submitted = run_cli("submit", "--agent", "one", "--config", config, "--state-dir", state, "--",
                         "sh", "-c", f"echo ran >> {runs}")
@@ -146,7 +135,7 @@ def test_controller_killed_during_dispatch_never_runs_a_job_twice(two_hosts: San
 
 
 def test_host_lost_then_back_records_the_late_result_and_reports_the_duplicate(two_hosts: Sandbox, tmp_path: Path) -> None:
-    with _fleet(two_hosts, tmp_path) as fleet:
+    with job_fleet(two_hosts, tmp_path) as fleet:
         once = fleet.submit("sleep 2; echo first", agent="one")
         retried = fleet.submit("sleep 2; echo again", labels={"gpu_type": "*"}, retries=1)
         _drive_until(fleet, once.id, lambda r: r.state == "running")
@@ -169,7 +158,7 @@ def test_host_lost_then_back_records_the_late_result_and_reports_the_duplicate(t
 
 
 def test_a_hundred_mib_of_logs_comes_back_as_the_last_ten(two_hosts: Sandbox, tmp_path: Path) -> None:
-    with _fleet(two_hosts, tmp_path) as fleet:
+    with job_fleet(two_hosts, tmp_path) as fleet:
         job = fleet.submit("head -c 104857600 /dev/zero | tr '\\0' x; echo; echo tail-marker", agent="one")
         record = _drive_until(fleet, job.id, lambda r: r.done, timeout=60)
         assert record.state == "succeeded" and record.result is not None and record.result.logs_truncated
@@ -203,7 +192,7 @@ def test_serve_drives_the_queue_while_the_cli_submits_and_waits(two_hosts: Sandb
 
 
 def test_submit_mistakes_are_one_line_errors_and_queue_nothing(two_hosts: Sandbox, tmp_path: Path) -> None:
-    config, state = str(_config(two_hosts, tmp_path)), str(tmp_path / "state")
+    config, state = str(job_config(two_hosts, tmp_path)), str(tmp_path / "state")
     bad_json = tmp_path / "bad.json"
     bad_json.write_text("{not json")
     cases = [(["--payload", str(bad_json)], "not valid JSON"), (["--timeout", "soon"], "--timeout 'soon' is not a duration"),

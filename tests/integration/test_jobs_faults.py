@@ -20,7 +20,8 @@ from fleetctl.jobs.driver import no_controller_reason
 from fleetctl.jobs.queue import JobQueue
 from fleetctl.sandbox import HostSpec, Sandbox
 from tests.conftest import require_sshd, run_cli
-from tests.integration.test_jobs import CONTROLLER, _drive_until
+from tests.integration.test_jobs import _drive_until
+from tests.jobs_fleet import job_config, job_fleet
 from tests.waiting import wait_for
 
 # The job appends its attempt number to a marker file: the sandbox hosts share this filesystem.
@@ -39,16 +40,6 @@ def hosts(tmp_path: Path) -> Iterator[Sandbox]:
     sandbox.down()
 
 
-def _config(sandbox: Sandbox, tmp_path: Path, extra: str = "") -> Path:
-    config = tmp_path / "agents.toml"
-    config.write_text(CONTROLLER.replace("[controller]\n", "[controller]\n" + extra) + sandbox.inventory_path.read_text())
-    return config
-
-
-def _fleet(sandbox: Sandbox, tmp_path: Path, extra: str = "") -> Fleet:
-    return Fleet.from_config(_config(sandbox, tmp_path, extra), state_dir=tmp_path / "state")
-
-
 def _until(what: str, check: object, timeout: float = 30) -> None:
     wait_for(what, check, timeout)  # type: ignore[arg-type]
 
@@ -60,7 +51,7 @@ def _events(fleet: Fleet, job_id: str) -> list[str]:
 def test_partition_without_retries_is_lost_provisionally_then_succeeds_and_the_child_runs(
         hosts: Sandbox, tmp_path: Path) -> None:
     marker = tmp_path / "runs"
-    with _fleet(hosts, tmp_path) as fleet:
+    with job_fleet(hosts, tmp_path) as fleet:
         job = fleet.submit(COUNTED.format(sleep=3, marker=marker), agent="one")
         child = fleet.submit(f"echo child >> {marker}", after=[job.id])
         _drive_until(fleet, job.id, lambda r: r.state == "running")
@@ -70,7 +61,7 @@ def test_partition_without_retries_is_lost_provisionally_then_succeeds_and_the_c
         drive_once(fleet.hosts)
         assert fleet.job(child.id).record.state == "queued"  # a provisional loss fails no child
         assert fleet.job(child.id).record.reason == f"waiting for dependency {job.id} (lost for now; its host may come back)"
-        config, state = str(_config(hosts, tmp_path)), str(tmp_path / "state")
+        config, state = str(job_config(hosts, tmp_path)), str(tmp_path / "state")
         waited = run_cli("jobs", "wait", job.id, "--timeout", "2s", "--config", config, "--state-dir", state)
         assert waited.returncode == 1 and "still lost" in waited.stderr, waited.stderr  # kept waiting, not exit 3
         _until("the run to finish while its host is cut off", lambda: marker.exists())
@@ -85,7 +76,7 @@ def test_partition_with_retries_runs_each_job_exactly_once(hosts: Sandbox, tmp_p
     """One job finishes while its host is away (collected, not retried); one still runs when the
     host comes back (resumed, not retried). No other agent can take them meanwhile."""
     finished, still = tmp_path / "finished", tmp_path / "still"
-    with _fleet(hosts, tmp_path) as fleet:
+    with job_fleet(hosts, tmp_path) as fleet:
         quick = fleet.submit(COUNTED.format(sleep=1, marker=finished), labels={"gpu_type": "h1*"}, retries=1)
         slow = fleet.submit(COUNTED.format(sleep=8, marker=still), labels={"gpu_type": "h1*"}, retries=1)
         _drive_until(fleet, quick.id, lambda r: r.state == "running")
@@ -107,7 +98,7 @@ def test_partition_with_retries_runs_each_job_exactly_once(hosts: Sandbox, tmp_p
 
 def test_a_true_duplicate_is_reported_and_the_first_finished_attempt_is_the_result(hosts: Sandbox, tmp_path: Path) -> None:
     marker = tmp_path / "runs"
-    with _fleet(hosts, tmp_path) as fleet:
+    with job_fleet(hosts, tmp_path) as fleet:
         fleet.drain("one")  # attempt 1 goes to 'big'; its retry (4 s longer) to 'one'
         job = fleet.submit(COUNTED.format(sleep="$((a * 4))", marker=marker), retries=1)
         assert _drive_until(fleet, job.id, lambda r: r.state == "running").agent == "big"
@@ -125,7 +116,7 @@ def test_a_true_duplicate_is_reported_and_the_first_finished_attempt_is_the_resu
 
 def test_serve_sigtermed_during_dispatch_leaves_no_directory_behind(hosts: Sandbox, tmp_path: Path) -> None:
     marker = tmp_path / "runs"
-    config = _config(hosts, tmp_path, "heartbeat_interval_s = 0.5\norphan_age_s = 1\n")
+    config = job_config(hosts, tmp_path, "heartbeat_interval_s = 0.5\norphan_age_s = 1\n")
     state = str(tmp_path / "state")
     job_id = run_cli("submit", "--agent", "one", "--config", str(config), "--state-dir", state, "--",
                      "sh", "-c", f"echo ran >> {marker}").stdout.strip()
@@ -146,7 +137,7 @@ def test_serve_sigtermed_during_dispatch_leaves_no_directory_behind(hosts: Sandb
 
 
 def test_a_job_for_a_drained_agent_says_why_it_waits(hosts: Sandbox, tmp_path: Path) -> None:
-    with _fleet(hosts, tmp_path) as fleet:
+    with job_fleet(hosts, tmp_path) as fleet:
         fleet.drain("big")
         job = fleet.submit("true", gpus=4, labels={"gpu_type": "a100*"})
         child = fleet.submit("true", after=[job.id])
@@ -159,7 +150,7 @@ def test_a_job_for_a_drained_agent_says_why_it_waits(hosts: Sandbox, tmp_path: P
 
 
 def test_without_a_controller_submit_and_list_say_so(hosts: Sandbox, tmp_path: Path) -> None:
-    config, state = str(_config(hosts, tmp_path)), str(tmp_path / "state")
+    config, state = str(job_config(hosts, tmp_path)), str(tmp_path / "state")
     submitted = run_cli("submit", "--config", config, "--state-dir", state, "--", "true")
     job_id = submitted.stdout.strip()
     assert submitted.returncode == 0 and len(submitted.stderr.strip().splitlines()) == 1
@@ -198,7 +189,7 @@ def test_a_cancel_recorded_while_the_launch_is_in_flight_stops_the_job(
         hosts: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The cancel finds the job ``dispatching`` (nobody signals it then) after the check before the
     launch had passed: the job is signalled once it runs, never left running un-cancelled."""
-    with _fleet(hosts, tmp_path) as fleet:
+    with job_fleet(hosts, tmp_path) as fleet:
         job = fleet.submit(["sleep", "300"], agent="one")
         real = fleet.hosts.connection
         cancelled: list[str] = []

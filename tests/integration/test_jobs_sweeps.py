@@ -19,9 +19,9 @@ from fleetctl.jobs.queue import JobQueue
 from fleetctl.sandbox import HostSpec, Sandbox
 from fleetctl.store import Store
 from tests.conftest import require_sshd, run_cli
+from tests.jobs_fleet import job_config, job_fleet
 from tests.waiting import wait_for
 
-CONTROLLER = "[controller]\nkill_grace_s = 1\noffline_after_misses = 2\n\n"
 # The task's own record of when it ran (this machine's clock: the sandbox hosts share it), and its place.
 STAMP = ('printf \'{"start": %s, "index": %s, "count": %s}\' "$(date +%s.%N)" "$FLEETCTL_TASK_INDEX" '
          '"$FLEETCTL_TASK_COUNT" > "$FLEETCTL_OUTPUT_FILE"')
@@ -34,16 +34,6 @@ def three_hosts(tmp_path: Path) -> Iterator[Sandbox]:
     sandbox.up()
     yield sandbox
     sandbox.down()
-
-
-def _config(sandbox: Sandbox, tmp_path: Path) -> Path:
-    config = tmp_path / "agents.toml"
-    config.write_text(CONTROLLER + sandbox.inventory_path.read_text())
-    return config
-
-
-def _fleet(sandbox: Sandbox, tmp_path: Path) -> Fleet:
-    return Fleet.from_config(_config(sandbox, tmp_path), state_dir=tmp_path / "state")
 
 
 # -- the queue alone, on both stores -----------------------------------------------------------------
@@ -124,7 +114,7 @@ def test_a_grid_sweep_runs_each_task_once_and_reads_back_as_a_table(three_hosts:
             "env = {k: v for k, v in os.environ.items() if k.startswith('FLEETCTL_PARAM_') or k.startswith('FLEETCTL_TASK_')}; "
             "json.dump({'task': job['task'], 'env': env, 'score': job['task']['params']['lr'] * job['task']['params']['batch']}, "
             "open(os.environ['FLEETCTL_OUTPUT_FILE'], 'w'))")
-    with _fleet(three_hosts, tmp_path) as fleet:
+    with job_fleet(three_hosts, tmp_path) as fleet:
         sweep = fleet.submit_sweep(["python3", "-c", code], grid={"lr": [0.1, 0.01], "batch": [32, 64]}, name="grid")
         after = fleet.submit(["true"], after=[sweep.id])  # --after a whole sweep
         record = sweep.wait(timeout=60, poll_s=0.2)
@@ -145,7 +135,7 @@ def test_a_grid_sweep_runs_each_task_once_and_reads_back_as_a_table(three_hosts:
 
 
 def test_the_cli_submits_lists_shows_and_waits_on_a_sweep_as_one(three_hosts: Sandbox, tmp_path: Path) -> None:
-    config, state = _config(three_hosts, tmp_path), tmp_path / "state"
+    config, state = job_config(three_hosts, tmp_path), tmp_path / "state"
     where = ("--config", str(config), "--state-dir", str(state))
     params = tmp_path / "params.jsonl"
     params.write_text('{"name": "x", "n": 1}\n\n{"name": "y", "n": 2}\n{"name": "z", "n": 3, "extra-flag": true}\n')
@@ -181,7 +171,7 @@ def test_the_cli_submits_lists_shows_and_waits_on_a_sweep_as_one(three_hosts: Sa
 
 
 def test_max_concurrent_caps_the_tasks_running_at_once(three_hosts: Sandbox, tmp_path: Path) -> None:
-    with _fleet(three_hosts, tmp_path) as fleet:
+    with job_fleet(three_hosts, tmp_path) as fleet:
         sweep = fleet.submit_sweep(["sh", "-c", STAMP + '; sleep 1; date +%s.%N'], array=6, max_concurrent=2)
         record = sweep.wait(timeout=90, poll_s=0.2)
         assert record.counts == {"succeeded": 6}
@@ -196,7 +186,7 @@ def test_max_concurrent_caps_the_tasks_running_at_once(three_hosts: Sandbox, tmp
 
 def test_an_array_of_200_cancelled_half_way_starts_nothing_after_and_nothing_twice(three_hosts: Sandbox,
                                                                                     tmp_path: Path) -> None:
-    config = _config(three_hosts, tmp_path)
+    config = job_config(three_hosts, tmp_path)
     with Fleet.from_config(config, state_dir=tmp_path / "state") as fleet, \
             Fleet.from_config(config, state_dir=tmp_path / "state") as driver_fleet:
         sweep = fleet.submit_sweep(["sh", "-c", STAMP + "; sleep 2"], array=200)
@@ -239,7 +229,7 @@ def test_an_array_of_200_cancelled_half_way_starts_nothing_after_and_nothing_twi
 
 
 def test_bad_sweeps_are_one_line_errors(three_hosts: Sandbox, tmp_path: Path) -> None:
-    with _fleet(three_hosts, tmp_path) as fleet:
+    with job_fleet(three_hosts, tmp_path) as fleet:
         for kwargs, message in (({}, "exactly one of params=, grid= or array="),
                                 ({"array": 2, "grid": {"a": [1]}}, "got grid, array"),
                                 ({"array": 0}, "at least 1"), ({"grid": {"lr": []}}, "non-empty list"),
